@@ -1,1 +1,43 @@
-"""placeholder"""
+"""Model-family adapters, chosen by `config.model_type` (see `ADAPTERS`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter
+from .llava import LlavaAdapter
+
+__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "get_adapter", "register_adapter"]
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Adds `adapter_cls` to the table under each of its `model_types` (usable as a class decorator)."""
+    if not adapter_cls.model_types:
+        raise ValueError(f"{adapter_cls.__name__}.model_types is empty; list the config.model_type values it serves")
+    for model_type in adapter_cls.model_types:
+        ADAPTERS[model_type] = adapter_cls
+    return adapter_cls
+
+
+register_adapter(LlavaAdapter)
+
+
+def get_adapter(model: nn.Module, adapter: ModelAdapter | type[ModelAdapter] | str | None = None) -> ModelAdapter:
+    """The adapter for `model`: the one given, or the table's entry for `model.config.model_type`."""
+    if isinstance(adapter, ModelAdapter):
+        return adapter
+    if isinstance(adapter, type) and issubclass(adapter, ModelAdapter):
+        return adapter(model)
+    config = getattr(model, "config", None)
+    model_type = adapter if isinstance(adapter, str) else getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise ValueError(
+            f"no mmreduce adapter for model_type {model_type!r} ({type(model).__name__}); supported: {supported}. "
+            "To add one, subclass mmreduce.adapters.ModelAdapter (set model_types, multimodal_model, text_model, "
+            "vision_token_ids) and call mmreduce.adapters.register_adapter(YourAdapter), or pass adapter=YourAdapter "
+            "to mmreduce.wrap"
+        )
+    return ADAPTERS[model_type](model)

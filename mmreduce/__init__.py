@@ -1,1 +1,47 @@
-__all__ = []
+"""mmreduce: spend fewer vision tokens in a stock Hugging Face VLM, with one call.
+
+    import mmreduce
+    reduced = mmreduce.wrap(model, "pdrop", keep_ratio=0.5)
+    out = reduced.generate(**inputs)
+    print(reduced.stats.vision_tokens_per_layer, reduced.stats.prefill_flops)
+    reduced.unwrap()
+"""
+
+from .api import ReducedModel, unwrap, wrap
+from .flops import ModelDims, layer_flops, paper_tflops, prefill_flops
+from .methods import (
+    DropStage,
+    FastV,
+    PyramidDrop,
+    Random,
+    ReductionMethod,
+    Schedule,
+    ScoreContext,
+    create_method,
+    list_methods,
+    register_method,
+)
+from .stats import ReductionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DropStage",
+    "FastV",
+    "ModelDims",
+    "PyramidDrop",
+    "Random",
+    "ReducedModel",
+    "ReductionMethod",
+    "ReductionStats",
+    "Schedule",
+    "ScoreContext",
+    "create_method",
+    "layer_flops",
+    "list_methods",
+    "paper_tflops",
+    "prefill_flops",
+    "register_method",
+    "unwrap",
+    "wrap",
+]

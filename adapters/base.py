@@ -1,0 +1,151 @@
+"""What mmreduce needs to know about a model family, and nothing else.
+
+The engine (`mmreduce.engine`) never asks "is this LLaVA?": it asks an adapter where the vision tokens are, which
+modules are the decoder layers, and how to recompute one layer's attention row without eager attention.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mmreduce.probe import apply_rotary, last_query_attention
+
+__all__ = ["ModelAdapter"]
+
+
+class ModelAdapter:
+    """Base class for model-family adapters (one subclass per family, keyed by `config.model_type`).
+
+    Subclasses set `model_types` and implement the four properties at the top; the Llama-style defaults below
+    (attention probe, per-token kwargs) fit every decoder whose layers have `input_layernorm` and a `self_attn`
+    with `q_proj`/`k_proj`, `head_dim` and rotate-half RoPE (Llama, Vicuna, Mistral, Qwen2, Qwen3).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---- family specifics -------------------------------------------------------------------------------------
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module that receives `input_ids` and merges vision features (its pre-hook finds the vision tokens)."""
+        raise NotImplementedError
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder stack (`forward(inputs_embeds=..., attention_mask=..., cache=...)`)."""
+        raise NotImplementedError
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        """The vision encoder (timed separately in the stats); None when the family has none."""
+        return None
+
+    def vision_token_ids(self) -> tuple[int, ...]:
+        """Token ids whose positions hold vision features after the merge."""
+        raise NotImplementedError
+
+    # ---- derived ----------------------------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.text_model.config
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    def vision_mask(
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """(B, T) bool, True where a vision feature sits; None when it cannot be known (no ids, no embeddings).
+
+        Without `input_ids`, a position is a vision position when its embedding equals the embedding of a vision
+        token id (what the stock merge check does); merged features replace those embeddings only later.
+        """
+        ids = self.vision_token_ids()
+        if input_ids is not None:
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for token_id in ids:
+                mask |= input_ids == token_id
+            return mask
+        if inputs_embeds is not None:
+            table = self.text_model.get_input_embeddings()
+            mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+            for token_id in ids:
+                token = table(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+                mask |= (inputs_embeds == token).all(-1)
+            return mask
+        return None
+
+    def attention_probe(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        query_index: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention probabilities of one query per sample over all keys, as `layer` would compute them.
+
+        Recomputed from the layer's own input norm, q/k projections (and q/k norms if present) and RoPE, so it
+        works whatever attention implementation runs the layer (sdpa, eager, flash).
+
+        Args:
+            layer: a decoder layer.
+            hidden: (B, T, D) the layer's input hidden states.
+            query_index: (B,) position in `hidden` of the query token of each sample.
+            position_embeddings: (cos, sin), each (B or 1, T, head_dim), for the tokens of `hidden`.
+            key_valid: (B, T) bool, keys that may be attended to (padding and dropped tokens are False).
+
+        Returns:
+            (B, H, T) float32 probabilities; keys after the query or invalid get 0.
+        """
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        batch, seq, _ = hidden.shape
+        rows = torch.arange(batch, device=hidden.device)
+        normed = layer.input_layernorm(hidden)  # (B, T, D)
+        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, head_dim)  # (B, H, hd)
+        key = attn.k_proj(normed).view(batch, seq, -1, head_dim)  # (B, T, Hkv, hd)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # (B, T, hd)
+        query = apply_rotary(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
+        key = apply_rotary(key.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, T, hd)
+        return last_query_attention(query, key, attn.scaling, key_valid, query_index)
+
+    def gather_layer_kwargs(self, kwargs: dict, original_index: torch.Tensor) -> dict:
+        """Per-token layer kwargs for a shortened stream.
+
+        Args:
+            kwargs: the decoder layer's kwargs at full prompt length (`position_embeddings` (cos, sin) each
+                (B or 1, T, hd), `position_ids` (B or 1, T)).
+            original_index: (B, T') indices into the full prompt of the tokens kept in the stream.
+
+        Returns:
+            The entries to replace: RoPE of the kept tokens at their *original* positions (gaps stay gaps).
+        """
+        out = {}
+        batch = original_index.shape[0]
+        if kwargs.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(
+                _gather_tokens(t.expand(batch, *t.shape[1:]), original_index) for t in kwargs["position_embeddings"]
+            )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            if position_ids.dim() != 2:
+                raise ValueError(
+                    f"{type(self).__name__} expects 2-D position_ids (B, T), got shape {tuple(position_ids.shape)}; "
+                    "a family with multi-axis positions needs its own adapter.gather_layer_kwargs"
+                )
+            out["position_ids"] = position_ids.expand(batch, -1).gather(1, original_index)
+        return out
+
+
+def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor (B, T, ...) gathered along T with index (B, T') -> (B, T', ...)."""
+    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return tensor.gather(1, expanded)

@@ -1,0 +1,140 @@
+"""`wrap(model, method)` -> ReducedModel; `unwrap(model)` restores it exactly."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+from torch import nn
+
+from mmreduce.adapters import ModelAdapter, get_adapter
+
+from .engine import Reducer
+from .methods.base import ReductionMethod, create_method
+from .stats import ReductionStats
+
+__all__ = ["ReducedModel", "unwrap", "wrap"]
+
+# model -> its ReducedModel; a model can be wrapped once at a time, and two models never share a Reducer.
+_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, ReducedModel]" = weakref.WeakKeyDictionary()
+
+
+class ReducedModel:
+    """A stock Hugging Face VLM with vision-token reduction hooked in.
+
+    Proxies `generate`, `__call__`/`forward` and attribute access to the wrapped model; `stats` describes the last
+    prefill (and the decode steps after it). Use `unwrap()` or a `with` block to take the hooks out again.
+    """
+
+    def __init__(self, model: nn.Module, method: ReductionMethod, adapter: ModelAdapter):
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "adapter", adapter)
+        object.__setattr__(self, "_reducer", Reducer(model, method, adapter))
+        self._reducer.install()
+
+    @property
+    def stats(self) -> ReductionStats:
+        return self._reducer.stats
+
+    @property
+    def is_wrapped(self) -> bool:
+        return _WRAPPED.get(self.model) is self
+
+    def __call__(self, *args, **kwargs):
+        self._check_live()
+        return self.model(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """`model.generate(...)`; without a cache the scoring query stays the last prompt token at every step, so
+        `use_cache=False` selects the same tokens as the cached run."""
+        self._check_live()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._reducer.prompt_length = int(input_ids.shape[1]) if input_ids is not None else None
+        start = time.perf_counter()
+        try:
+            output = self.model.generate(*args, **kwargs)
+        finally:
+            self._reducer.prompt_length = None
+        self._reducer.stats.generate_ms = (time.perf_counter() - start) * 1e3
+        return output
+
+    def unwrap(self) -> nn.Module:
+        """Removes every hook; the model computes exactly what it computed before `wrap`."""
+        self._reducer.remove()
+        if _WRAPPED.get(self.model) is self:
+            del _WRAPPED[self.model]
+        return self.model
+
+    def __enter__(self) -> "ReducedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unwrap()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.model, name, value)
+
+    def __repr__(self) -> str:
+        state = "wrapped" if self.is_wrapped else "unwrapped"
+        return f"ReducedModel({type(self.model).__name__}, {self.method.describe()}, {state})"
+
+    def _check_live(self) -> None:
+        if not self.is_wrapped:
+            raise RuntimeError("this ReducedModel was unwrapped; call mmreduce.wrap(model, ...) again")
+
+
+def wrap(
+    model: nn.Module,
+    method: ReductionMethod | str,
+    *,
+    adapter: ModelAdapter | type[ModelAdapter] | str | None = None,
+    **method_kwargs: Any,
+) -> ReducedModel:
+    """Hooks vision-token reduction into a stock Hugging Face VLM.
+
+    Args:
+        model: e.g. `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration`.
+        method: a registered name (`mmreduce.list_methods()`) or a method object.
+        adapter: override the adapter chosen from `model.config.model_type`.
+        **method_kwargs: fields of the method's dataclass (only with a method name).
+
+    Returns:
+        A `ReducedModel`; `model` itself is reduced too until `unwrap()`.
+    """
+    if isinstance(model, ReducedModel):
+        raise ValueError("this model is already wrapped (got a ReducedModel); unwrap() it before wrapping again")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap() expects a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    if model in _WRAPPED:
+        raise ValueError(
+            f"{type(model).__name__} is already wrapped with {_WRAPPED[model].method.describe()}; "
+            "call mmreduce.unwrap(model) first"
+        )
+    if isinstance(method, str):
+        method = create_method(method, **method_kwargs)
+    elif isinstance(method, ReductionMethod):
+        if method_kwargs:
+            raise TypeError(f"keyword arguments {sorted(method_kwargs)} are only accepted with a method name")
+    else:
+        raise TypeError(f"method must be a registered name or a ReductionMethod, got {type(method).__name__}")
+    reduced = ReducedModel(model, method, get_adapter(model, adapter))
+    _WRAPPED[model] = reduced
+    return reduced
+
+
+def unwrap(model: nn.Module | ReducedModel) -> nn.Module:
+    """Removes mmreduce's hooks from a model (or a ReducedModel) and returns the plain model."""
+    if isinstance(model, ReducedModel):
+        return model.unwrap()
+    reduced = _WRAPPED.get(model)
+    if reduced is None:
+        raise ValueError(f"{type(model).__name__} is not wrapped by mmreduce")
+    return reduced.unwrap()

@@ -1,0 +1,433 @@
+"""The hook engine: physically drops vision tokens inside the LLM of a stock Hugging Face VLM.
+
+Data flow of one prefill (ARCHITECTURE §2):
+  1. a pre-hook on the adapter's multimodal module reads `input_ids` and marks the vision tokens;
+  2. a pre-hook on the text model starts a run (prefill) or looks up what was dropped for this cache (decode);
+  3. pre-hooks on the decoder layers score at each stage's scoring layer and, from each stage's apply layer on,
+     hand the layer a shorter stream: hidden states gathered, RoPE gathered at the kept tokens' original positions,
+     the causal mask rebuilt for that layer's cache length (`create_causal_mask(..., layer_idx=l)`);
+  4. a forward hook on the text model scatters the last hidden state back to prompt length (dropped positions
+     hold zeros), remembers per cache what each layer kept, and finishes the stats.
+Decode steps drop nothing; the mask of every shortened layer group is rebuilt at every step for its cache length.
+
+Rows of a batch may keep different numbers of tokens; shorter rows are left-filled with masked filler slots, just
+as left padding is, so a padded batch computes exactly what each sample computes alone.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .flops import ModelDims
+from .methods.base import DropStage, ReductionMethod, ScoreContext, top_k_sorted
+from .stats import ReductionStats
+
+__all__ = ["Reducer", "SUPPORTED_ATTENTION"]
+
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class _Group:
+    """Layers [start, next group's start) share one stream: `original_index`/`valid` are (B, T_g)."""
+
+    start: int
+    original_index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class _CacheRecord:
+    """What the prefill of one cache dropped, so decode steps can size each layer group's mask."""
+
+    prefill_length: int
+    groups: list[_Group]
+
+
+@dataclass
+class _PrefillRun:
+    batch: int
+    length: int
+    input_mask: torch.Tensor  # (B, T) bool, the 2-D attention mask of the prompt
+    initial_vision: torch.Tensor  # (B,) long
+    query_original: torch.Tensor  # (B,) original index of the last prompt token
+    pad_offset: torch.Tensor  # (B,) index of each sample's first real token
+    sample_seed: torch.Tensor  # (B,) long
+    cache: Cache | None
+    index: torch.Tensor  # (B, T_cur) original index of each stream token
+    valid: torch.Tensor  # (B, T_cur) bool
+    vision: torch.Tensor  # (B, T_cur) bool
+    full_kwargs: dict | None = None
+    group_kwargs: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)  # apply layer -> (gather (B, T_new), new_valid (B, T_new))
+    groups: list[_Group] = field(default_factory=list)
+    counts: list[torch.Tensor] = field(default_factory=list)  # per layer, (B,) vision tokens entering it
+    kept_positions: dict = field(default_factory=dict)
+    selection_s: float = 0.0
+
+    def query_index(self) -> torch.Tensor:
+        """(B,) position of the last prompt token in the current stream (it is never dropped)."""
+        return ((self.index == self.query_original[:, None]) & self.valid).float().argmax(dim=1)
+
+
+@dataclass
+class _DecodeRun:
+    record: _CacheRecord
+    attention_mask: torch.Tensor | None  # (B, S_total) 2-D mask of the decode call
+    cache: Cache
+    group_mask: object = None
+
+
+class Reducer:
+    """Installs the hooks of one (model, method) pair; `remove()` takes every one of them away again."""
+
+    def __init__(self, model: nn.Module, method: ReductionMethod, adapter):
+        self.model, self.method, self.adapter = model, method, adapter
+        self.layers = adapter.decoder_layers()
+        self.num_layers = len(self.layers)
+        self.stages: list[DropStage] = method.check_stages(self.num_layers)
+        self._score_at = {stage.score_layer: stage for stage in self.stages}
+        self._apply_at = {stage.apply_layer: stage for stage in self.stages}
+        self._first_apply = min(self._apply_at) if self._apply_at else None
+        self._group_starts = sorted(self._apply_at)
+        self._dims = ModelDims.from_config(adapter.text_config)
+        self._handles: list = []
+        self._pending_input: tuple | None = None
+        self._run: _PrefillRun | _DecodeRun | None = None
+        self._records: "weakref.WeakKeyDictionary[Cache, _CacheRecord]" = weakref.WeakKeyDictionary()
+        self._vision_s = self._vision_t0 = 0.0
+        self._t0 = 0.0
+        self._phase = "prefill"
+        self.prompt_length: int | None = None  # set by ReducedModel.generate: the query stays the last prompt token
+        self.stats = ReductionStats(method=method.describe(), num_layers=self.num_layers, note="not run yet")
+
+    # ---- install / remove -------------------------------------------------------------------------------------
+    def install(self) -> None:
+        check_attention(self.adapter.text_config)
+        try:
+            add = self._handles.append
+            add(self.adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+            add(self.adapter.text_model.register_forward_pre_hook(self._on_text_start, with_kwargs=True))
+            add(self.adapter.text_model.register_forward_hook(self._on_text_end, with_kwargs=True))
+            for layer_idx, layer in enumerate(self.layers):
+                add(layer.register_forward_pre_hook(self._layer_hook(layer_idx, layer), with_kwargs=True))
+            tower = self.adapter.vision_tower
+            if tower is not None:
+                add(tower.register_forward_pre_hook(self._on_vision_start))
+                add(tower.register_forward_hook(self._on_vision_end))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        self._run = None
+        self._pending_input = None
+
+    # ---- hooks ------------------------------------------------------------------------------------------------
+    def _on_multimodal(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        vision = self.adapter.vision_mask(input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"))
+        self._pending_input = (vision, input_ids)
+
+    def _on_vision_start(self, module, args):
+        self._vision_t0 = self._now(module)
+
+    def _on_vision_end(self, module, args, output):
+        self._vision_s += self._now(module) - self._vision_t0
+
+    def _on_text_start(self, module, args, kwargs):
+        pending, self._pending_input = self._pending_input, None
+        self._run = None
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        reference = embeds if embeds is not None else ids
+        if reference is None:
+            return
+        batch, length = reference.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        attention_mask = kwargs.get("attention_mask")
+        past = cache.get_seq_length(0) if cache is not None else 0
+        self._t0 = self._now(reference)
+        self._phase = "decode" if past > 0 else "prefill"
+        if past > 0:
+            record = self._records.get(cache)
+            if record is not None:
+                check_dynamic_cache(cache)
+                self._run = _DecodeRun(record, _as_2d_mask(attention_mask, batch, past + length), cache)
+            return
+        vision = pending[0] if pending is not None else None
+        if vision is not None and tuple(vision.shape) != (batch, length):
+            vision = None  # the text model was called with other inputs than the multimodal module saw
+        stats = ReductionStats(method=self.method.describe(), num_layers=self.num_layers, dims=self._dims)
+        stats.vision_ms, self._vision_s = self._vision_s * 1e3, 0.0
+        self.stats = stats
+        input_mask = _as_2d_mask(attention_mask, batch, length)
+        vision = (vision if vision is not None else torch.zeros(batch, length, dtype=torch.bool)).to(reference.device)
+        vision = vision & input_mask
+        initial = vision.sum(dim=1)
+        stats.initial_vision_tokens = initial.tolist()
+        stats.text_tokens = (input_mask & ~vision).sum(dim=1).tolist()
+        stats.vision_tokens_per_layer = [[n] * self.num_layers for n in initial.tolist()]
+        if pending is None or pending[0] is None:
+            stats.note = "vision tokens unknown (no input_ids or inputs_embeds reached the multimodal module)"
+            return
+        if not self.stages:
+            stats.note = "the method drops nothing"
+            return
+        if not bool(initial.any()):
+            stats.note = "no image tokens in the prompt: ran unreduced"
+            return
+        check_dynamic_cache(cache)
+        self.method.check_inputs(initial)
+        positions = torch.arange(length, device=reference.device)
+        last_valid = torch.where(input_mask, positions, -1).max(dim=1).values
+        if self.prompt_length is not None and length >= self.prompt_length:
+            query = torch.full_like(last_valid, self.prompt_length - 1)
+        else:
+            query = last_valid
+        self._run = _PrefillRun(
+            batch=batch,
+            length=length,
+            input_mask=input_mask,
+            initial_vision=initial,
+            query_original=query,
+            pad_offset=input_mask.float().argmax(dim=1),
+            sample_seed=_sample_seeds(pending[1], input_mask, query),
+            cache=cache,
+            index=positions.expand(batch, -1),
+            valid=input_mask,
+            vision=vision,
+        )
+
+    def _layer_hook(self, layer_idx: int, layer: nn.Module):
+        def hook(module, args, kwargs):
+            run = self._run
+            if isinstance(run, _PrefillRun):
+                return self._prefill_layer(run, layer_idx, layer, args, kwargs)
+            if isinstance(run, _DecodeRun) and self._first_apply is not None and layer_idx >= self._first_apply:
+                return self._decode_layer(run, layer_idx, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, run: _PrefillRun, layer_idx: int, layer: nn.Module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if run.full_kwargs is None:
+            run.full_kwargs = {key: kwargs.get(key) for key in ("position_embeddings", "position_ids")}
+        if layer_idx in self._score_at:
+            # The stream may already be shorter than the stock kwargs: score with the stream's own RoPE.
+            rope = run.group_kwargs.get("position_embeddings", kwargs.get("position_embeddings"))
+            self._select(run, self._score_at[layer_idx], layer_idx, layer, hidden, rope)
+        if layer_idx in self._apply_at:
+            hidden = self._apply(run, layer_idx, hidden)
+        run.counts.append((run.vision & run.valid).sum(dim=1))
+        if self._first_apply is None or layer_idx < self._first_apply:
+            return None
+        kwargs.update(run.group_kwargs)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _select(self, run: _PrefillRun, stage: DropStage, layer_idx: int, layer, hidden, rope) -> None:
+        """Ranks the surviving vision tokens at the input of `layer_idx`; the drop waits for the apply layer."""
+        start = self._now(hidden)
+        query_index = run.query_index()
+        rows = torch.arange(run.batch, device=hidden.device)
+        is_query = torch.zeros_like(run.valid)
+        is_query[rows, query_index] = True
+        context = ScoreContext(
+            layer_idx=layer_idx,
+            layer=layer,
+            hidden=hidden,
+            vision=run.vision & run.valid,
+            key_valid=run.valid,
+            query_index=query_index,
+            position_embeddings=rope,
+            original_index=run.index,
+            relative_position=run.index - run.pad_offset[:, None],
+            sample_seed=run.sample_seed,
+            adapter=self.adapter,
+        )
+        with torch.no_grad():
+            scores = self.method.score(context)  # (B, T_cur)
+        surviving = context.vision.sum(dim=1)
+        wanted = stage.keep_counts(surviving, run.initial_vision, stage.apply_layer)
+        # The query itself is never dropped, even when the prompt ends on a vision token.
+        forced = context.vision & is_query
+        candidates = context.vision & ~is_query
+        kept_vision = top_k_sorted(scores, candidates, (wanted - forced.sum(dim=1)).clamp(min=0)) | forced
+        keep = (run.valid & ~run.vision) | kept_vision
+        run.pending[stage.apply_layer] = _compact(keep)
+        run.selection_s += self._now(hidden) - start
+
+    def _apply(self, run: _PrefillRun, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        start = self._now(hidden)
+        gather, new_valid = run.pending.pop(layer_idx)  # (B, T_new) each
+        hidden = _gather_rows(hidden, gather)  # (B, T_cur, D) -> (B, T_new, D)
+        run.index = run.index.gather(1, gather)
+        run.vision = run.vision.gather(1, gather) & new_valid
+        run.valid = new_valid
+        run.group_kwargs = self.adapter.gather_layer_kwargs(run.full_kwargs, run.index)
+        run.group_kwargs["attention_mask"] = self._layer_mask(layer_idx, hidden, new_valid, run.cache)
+        run.groups.append(_Group(layer_idx, run.index, new_valid))
+        run.kept_positions[layer_idx] = [
+            run.index[row][run.vision[row]].tolist() for row in range(run.batch)
+        ]
+        run.selection_s += self._now(hidden) - start
+        return hidden
+
+    def _decode_layer(self, run: _DecodeRun, layer_idx: int, args, kwargs):
+        if layer_idx in self._apply_at:
+            group = next(g for g in run.record.groups if g.start == layer_idx)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            new_tokens = run.attention_mask[:, run.record.prefill_length :]  # (B, S_total - T)
+            mask_2d = torch.cat([group.valid.to(new_tokens.device), new_tokens], dim=1)
+            expected = run.cache.get_seq_length(layer_idx) + hidden.shape[1]
+            if mask_2d.shape[1] != expected or mask_2d.shape[0] != hidden.shape[0]:
+                raise RuntimeError(
+                    f"mmreduce: layer {layer_idx} holds {run.cache.get_seq_length(layer_idx)} cached tokens, but the "
+                    f"prefill kept {group.valid.shape[1]} and {new_tokens.shape[1]} were added since (batch "
+                    f"{group.valid.shape[0]} vs {hidden.shape[0]}); the cache was edited outside mmreduce"
+                )
+            run.group_mask = self._layer_mask(layer_idx, hidden, mask_2d, run.cache)
+        kwargs["attention_mask"] = run.group_mask
+        return args, kwargs
+
+    def _on_text_end(self, module, args, kwargs, output):
+        run, self._run = self._run, None
+        elapsed_ms = (self._now(getattr(output, "last_hidden_state", None)) - self._t0) * 1e3
+        if self._phase == "decode":
+            self.stats.decode_ms += elapsed_ms
+            self.stats.decode_steps += 1
+            return None
+        self.stats.prefill_ms = elapsed_ms
+        if not isinstance(run, _PrefillRun):
+            return None
+        stats = self.stats
+        stats.reduced = bool(run.groups)
+        stats.note = "" if stats.reduced else "nothing dropped"
+        counts = torch.stack(run.counts, dim=1)  # (B, L)
+        stats.vision_tokens_per_layer = counts.tolist()
+        stats.kept_positions = run.kept_positions
+        stats.selection_ms = run.selection_s * 1e3
+        if run.cache is not None and run.groups:
+            self._records[run.cache] = _CacheRecord(run.length, run.groups)
+        if not run.groups:
+            return None
+        last = output.last_hidden_state  # (B, T_last, D)
+        full = last.new_zeros(run.batch, run.length, last.shape[-1])  # (B, T, D)
+        rows = torch.arange(run.batch, device=last.device)[:, None].expand_as(run.index)
+        full[rows[run.valid], run.index[run.valid]] = last[run.valid]
+        output.last_hidden_state = full
+        return output
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def _layer_mask(self, layer_idx: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Cache | None):
+        config = self.adapter.text_config
+        layer_types = getattr(config, "layer_types", None)
+        build = create_causal_mask
+        if layer_types is not None and layer_types[layer_idx] == "sliding_attention":
+            build = create_sliding_window_causal_mask
+        # position_ids=None on purpose: gapped positions would read as packed sequences.
+        return build(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=mask_2d.to(hidden.device),
+            cache=cache,
+            position_ids=None,
+            layer_idx=layer_idx,
+        )
+
+    @staticmethod
+    def _now(reference) -> float:
+        device = getattr(reference, "device", None)
+        if device is None and isinstance(reference, nn.Module):
+            param = next(reference.parameters(), None)
+            device = param.device if param is not None else None
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+
+def check_attention(config) -> None:
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported by mmreduce (per-layer masks are "
+            f"rebuilt for {SUPPORTED_ATTENTION}); switch with model.set_attn_implementation('sdpa')"
+        )
+
+
+def check_dynamic_cache(cache) -> None:
+    if cache is None:
+        return
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, Cache) or layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
+        raise ValueError(
+            f"mmreduce needs a DynamicCache (each layer keeps its own length), got {type(cache).__name__}; "
+            "StaticCache and compiled caches cannot hold per-layer lengths: drop cache_implementation='static'"
+        )
+
+
+def _as_2d_mask(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """(B, length) bool 2-D mask; all ones when none was given."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool)
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"mmreduce needs the 2-D attention mask (B, T) to rebuild per-layer masks, got shape "
+            f"{tuple(attention_mask.shape)}; prepared 4-D masks (StaticCache, custom masks) are not supported"
+        )
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)}")
+    return attention_mask.bool()
+
+
+def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-aligned compaction of each row's kept positions, left-filled with masked filler slots.
+
+    Args:
+        keep: (B, T) bool.
+
+    Returns:
+        gather: (B, T_new) indices into the row (filler slots repeat the row's first kept index),
+        valid: (B, T_new) bool, False on filler slots; T_new = the largest kept count.
+    """
+    counts = keep.sum(dim=1)  # (B,)
+    new_length = int(counts.max())
+    kept_first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_length]  # (B, T_new)
+    slot = torch.arange(new_length, device=keep.device)[None, :] - (new_length - counts)[:, None]  # (B, T_new)
+    valid = slot >= 0
+    gather = kept_first.gather(1, slot.clamp(min=0))
+    return gather, valid
+
+
+def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, D) gathered along T with index (B, T') -> (B, T', D)."""
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _sample_seeds(input_ids: torch.Tensor | None, input_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """(B,) a checksum of each sample's real prompt tokens, so seeded methods ignore padding and batch makeup."""
+    seeds = []
+    for row in range(input_mask.shape[0]):
+        if input_ids is None:
+            seeds.append(0)
+            continue
+        tokens = input_ids[row, : int(query[row]) + 1][input_mask[row, : int(query[row]) + 1].to(input_ids.device)]
+        seeds.append(zlib.crc32(np.asarray(tokens.cpu(), dtype=np.int64).tobytes()))
+    return torch.tensor(seeds, dtype=torch.long)
+

@@ -1,0 +1,153 @@
+"""Tiny random-weight VLMs built from configs (no hub), and prompts with left padding."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+
+IMAGE_TOKEN = 250
+PAD_TOKEN = 0
+BOS_TOKEN = 1
+VOCAB = 256
+
+
+def _text_config(layers: int = 6) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA on purpose: the probe must repeat k/v heads
+        max_position_embeddings=512,
+        pad_token_id=PAD_TOKEN,
+        bos_token_id=BOS_TOKEN,
+        eos_token_id=2,
+    )
+
+
+def tiny_llava(attn: str = "sdpa", layers: int = 6, seed: int = 0) -> LlavaForConditionalGeneration:
+    """CLIP 32 px / patch 4 -> 64 vision tokens per image; Llama with GQA."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=4,
+        ),
+        text_config=_text_config(layers),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    _sharpen(model)
+    return model
+
+
+def tiny_llava_next(attn: str = "sdpa", layers: int = 6, seed: int = 0) -> LlavaNextForConditionalGeneration:
+    """CLIP 32 px / patch 8, anyres grid pinpoints up to 64 px: base image + crops + newline tokens."""
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        ),
+        text_config=_text_config(layers),
+        image_token_id=IMAGE_TOKEN,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    _sharpen(model)
+    return model
+
+
+def _sharpen(model) -> None:
+    """Random init gives near-uniform attention; larger q/k weights make the rankings (and drops) matter."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+
+
+def llava_batch(prompt_lengths=((3, 5), (1, 2), (6, 9)), images_per_sample=1, tokens_per_image=64, seed=0):
+    """Left-padded batch: each sample is BOS + text_before + image tokens + text_after.
+
+    Returns dict(input_ids (B, T), attention_mask (B, T), pixel_values (B*images, 3, 32, 32)).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for before, after in prompt_lengths:
+        text_before = torch.randint(3, 200, (before,), generator=generator).tolist()
+        text_after = torch.randint(3, 200, (after,), generator=generator).tolist()
+        rows.append([BOS_TOKEN] + text_before + [IMAGE_TOKEN] * (tokens_per_image * images_per_sample) + text_after)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row)
+        attention_mask[i, length - len(row):] = 1
+    pixel_values = torch.randn(len(rows) * images_per_sample, 3, 32, 32, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def llava_next_batch(model, image_sizes=((48, 64), (60, 30), (50, 50)), prompt_lengths=((3, 5), (1, 2), (6, 9)), seed=0):
+    """Left-padded LLaVA-NeXT batch with images of different sizes, so samples have different vision counts.
+
+    Returns dict(input_ids, attention_mask, pixel_values (B, patches, 3, 32, 32), image_sizes (B, 2)).
+    """
+    from PIL import Image
+    from transformers import LlavaNextImageProcessor
+
+    generator = torch.Generator().manual_seed(seed)
+    processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+    )
+    images = []
+    for h, w in image_sizes:
+        array = (torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        images.append(Image.fromarray(array))
+    processed = processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            pixel_values=processed["pixel_values"], image_sizes=processed["image_sizes"],
+            vision_feature_layer=-1, vision_feature_select_strategy="default",
+        ).pooler_output
+    counts = [int(f.shape[0]) for f in features]
+    rows = []
+    for (before, after), count in zip(prompt_lengths, counts):
+        text_before = torch.randint(3, 200, (before,), generator=generator).tolist()
+        text_after = torch.randint(3, 200, (after,), generator=generator).tolist()
+        rows.append([BOS_TOKEN] + text_before + [IMAGE_TOKEN] * count + text_after)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row)
+        attention_mask[i, length - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
+
+
+def select_samples(batch: dict, index: int) -> dict:
+    """Sample `index` of a left-padded batch, alone and unpadded."""
+    keep = batch["attention_mask"][index].bool()
+    single = {"input_ids": batch["input_ids"][index][keep][None], "attention_mask": batch["attention_mask"][index][keep][None]}
+    if "image_sizes" in batch:
+        single["pixel_values"] = batch["pixel_values"][index:index + 1]
+        single["image_sizes"] = batch["image_sizes"][index:index + 1]
+    else:
+        per_sample = batch["pixel_values"].shape[0] // batch["input_ids"].shape[0]
+        single["pixel_values"] = batch["pixel_values"][index * per_sample:(index + 1) * per_sample]
+    return single
