@@ -215,7 +215,7 @@ class Reducer:
             run = self._run
             if isinstance(run, _PrefillRun):
                 return self._prefill_layer(run, layer_idx, layer, args, kwargs)
-            if isinstance(run, _DecodeRun) and self._first_apply is not None and layer_idx >= self._first_apply:
+            if isinstance(run, _DecodeRun) and layer_idx >= run.record.groups[0].start:
                 return self._decode_layer(run, layer_idx, args, kwargs)
             return None
 
@@ -269,13 +269,19 @@ class Reducer:
         forced = context.vision & is_query
         candidates = context.vision & ~is_query
         kept_vision = top_k_sorted(scores, candidates, (wanted - forced.sum(dim=1)).clamp(min=0)) | forced
-        keep = (run.valid & ~run.vision) | kept_vision
-        run.pending[stage.apply_layer] = _compact(keep)
+        if bool((kept_vision == context.vision).all()):
+            run.pending[stage.apply_layer] = None  # nothing to drop: leave the stream (and its padding) untouched
+        else:
+            keep = (run.valid & ~run.vision) | kept_vision
+            run.pending[stage.apply_layer] = _compact(keep)
         run.selection_s += self._now(hidden) - start
 
     def _apply(self, run: _PrefillRun, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        selection = run.pending.pop(layer_idx)
+        if selection is None:
+            return hidden
         start = self._now(hidden)
-        gather, new_valid = run.pending.pop(layer_idx)  # (B, T_new) each
+        gather, new_valid = selection  # (B, T_new) each
         hidden = _gather_rows(hidden, gather)  # (B, T_cur, D) -> (B, T_new, D)
         run.index = run.index.gather(1, gather)
         run.vision = run.vision.gather(1, gather) & new_valid
@@ -290,8 +296,8 @@ class Reducer:
         return hidden
 
     def _decode_layer(self, run: _DecodeRun, layer_idx: int, args, kwargs):
-        if layer_idx in self._apply_at:
-            group = next(g for g in run.record.groups if g.start == layer_idx)
+        group = next((g for g in run.record.groups if g.start == layer_idx), None)
+        if group is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             new_tokens = run.attention_mask[:, run.record.prefill_length :]  # (B, S_total - T)
             mask_2d = torch.cat([group.valid.to(new_tokens.device), new_tokens], dim=1)

@@ -73,7 +73,9 @@ def tiny_llava_next(attn: str = "sdpa", layers: int = 6, seed: int = 0) -> Llava
 
 
 def _sharpen(model) -> None:
-    """Random init gives near-uniform attention; larger q/k weights make the rankings (and drops) matter."""
+    """Random init gives near-uniform attention; larger q/k weights make the rankings (and drops) matter.
+    Generating the image placeholder would break any recomputing (cache-free) decode, stock or not: suppress it."""
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN]
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)

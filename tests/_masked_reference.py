@@ -1,0 +1,142 @@
+"""An independent reference for in-LLM token dropping: full length, eager attention, dropped keys masked.
+
+Nothing here imports the engine. Every layer runs over the whole prompt; from a drop's apply layer on, the dropped
+vision tokens are masked out as keys (a 4-D additive mask), which is the same mathematics as removing them, without
+the saving. Rankings come from the eager attention weights the model itself returns.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def _eager(model):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _layers(model):
+    return model.model.language_model.layers
+
+
+def _additive_mask(input_mask: torch.Tensor, dropped: torch.Tensor, dtype) -> torch.Tensor:
+    """(B, 1, T, T): 0 where query q may see key k (k <= q, k real, k not dropped), else the dtype's minimum."""
+    length = input_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None] & input_mask.bool()[:, None, :] & ~dropped[:, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], capture_layer: int | None = None):
+    """Full-length forward; `dropped_from[l]` (B, T) bool = keys masked in layers >= l (cumulative by the caller).
+
+    Returns (logits (B, T, V), attention weights (B, H, T, T) of `capture_layer` or None).
+    """
+    captured = {}
+    handles = []
+    input_mask = inputs["attention_mask"]
+    starts = sorted(dropped_from)
+
+    def pre_hook(layer_idx):
+        def hook(module, args, kwargs):
+            active = [s for s in starts if s <= layer_idx]
+            if not active:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["attention_mask"] = _additive_mask(input_mask, dropped_from[active[-1]], hidden.dtype)
+            return args, kwargs
+
+        return hook
+
+    def attn_hook(module, args, output):
+        captured["weights"] = output[1]
+
+    for layer_idx, layer in enumerate(_layers(model)):
+        handles.append(layer.register_forward_pre_hook(pre_hook(layer_idx), with_kwargs=True))
+    if capture_layer is not None:
+        handles.append(_layers(model)[capture_layer].self_attn.register_forward_hook(attn_hook))
+    try:
+        with _eager(model), torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, captured.get("weights")
+
+
+def reference_selection(model, inputs: dict, stages: list[dict], image_token: int):
+    """Re-derives each stage's kept vision tokens from eager attention, one full forward per stage.
+
+    `stages`: dicts with score_layer, apply_layer and one of ratio / fraction (the method's definition).
+    Query = the last prompt position (T - 1, prompts are left padded). Ties -> earlier position.
+
+    Returns {apply_layer: (B, T) bool dropped-from-here mask}, {apply_layer: per-sample sorted kept positions}.
+    """
+    vision = (inputs["input_ids"] == image_token) & inputs["attention_mask"].bool()
+    initial = vision.sum(dim=1)
+    dropped = torch.zeros_like(vision)
+    dropped_from, kept_positions = {}, {}
+    for stage in stages:
+        _, weights = masked_forward(model, inputs, dict(dropped_from), capture_layer=stage["score_layer"])
+        scores = weights[:, :, -1, :].float().mean(dim=1)  # (B, T): last prompt token, mean over heads
+        new_dropped = dropped.clone()
+        kept_rows = []
+        for row in range(vision.shape[0]):
+            surviving = [i for i in range(vision.shape[1]) if vision[row, i] and not dropped[row, i]]
+            if "ratio" in stage:
+                keep = math.ceil(stage["ratio"] * len(surviving) - 1e-9)
+            else:
+                keep = math.ceil(stage["fraction"] * int(initial[row]) - 1e-9)
+            ranked = sorted(surviving, key=lambda i: (-float(scores[row, i]), i))
+            kept = sorted(ranked[:keep])
+            for i in surviving:
+                if i not in kept:
+                    new_dropped[row, i] = True
+            kept_rows.append(kept)
+        if bool((new_dropped != dropped).any()):
+            dropped = new_dropped
+            dropped_from[stage["apply_layer"]] = dropped.clone()
+            kept_positions[stage["apply_layer"]] = kept_rows
+    return dropped_from, kept_positions
+
+
+def dropped_from_kept(inputs: dict, kept_positions: dict[int, list[list[int]]], image_token: int):
+    """The reference's dropped masks from a given selection (per apply layer, per sample kept positions)."""
+    vision = (inputs["input_ids"] == image_token) & inputs["attention_mask"].bool()
+    dropped_from = {}
+    for layer, rows in kept_positions.items():
+        dropped = vision.clone()
+        for row, kept in enumerate(rows):
+            dropped[row, kept] = False
+        dropped_from[layer] = dropped
+    return dropped_from
+
+
+def masked_greedy(model, inputs: dict, dropped_from: dict[int, torch.Tensor], steps: int, suppress=(250,)):
+    """Greedy decoding by full recomputation each step; prompt tokens dropped as given, new tokens never dropped.
+    `suppress`: token ids never chosen (the test models' generation_config suppresses the image placeholder).
+
+    Returns (new tokens (B, steps), per-step last-position logits list of (B, V)).
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        grown = {layer: torch.cat([d, torch.zeros(d.shape[0], ids.shape[1] - d.shape[1], dtype=torch.bool)], 1)
+                 for layer, d in dropped_from.items()}
+        logits, _ = masked_forward(model, {"input_ids": ids, "attention_mask": mask, **extra}, grown)
+        last = logits[:, -1, :]
+        step_logits.append(last)
+        token = last.clone().index_fill_(1, torch.tensor(list(suppress)), float("-inf")).argmax(dim=-1, keepdim=True)
+        tokens.append(token)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return torch.cat(tokens, dim=1), step_logits
