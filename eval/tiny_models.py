@@ -1,0 +1,255 @@
+"""Tiny LLaVA-1.5 / LLaVA-NeXT models built from the stock transformers classes, with their own tokenizer.
+
+    from mmreduce.eval.tiny_models import load_tiny, format_prompt
+    model, processor = load_tiny("tiny-llava-shapes")          # bundled checkpoint, offline
+    inputs = processor(images=[image], text=[format_prompt(question)], return_tensors="pt")
+
+Two recipes are registered in `TINY_MODELS`:
+
+- `tiny-llava-shapes`: `LlavaForConditionalGeneration`, CLIP tower on 128 px images with 8 px patches
+  (16 x 16 = 256 vision tokens, CLS dropped) + an 8-layer Llama; trained on `shapes`. (576 tokens would
+  triple the training cost, which the shared 2-core budget could not carry.)
+- `tiny-llava-next-docs`: `LlavaNextForConditionalGeneration` (anyres): 64 px crops with 16 px patches
+  (16 tokens per crop), pinpoints 128x128 / 192x128 / 128x192, plus the base image and one newline token per
+  row (a 128 px page: 16 base + 64 grid + 8 newlines = 88 vision tokens); trained on `docs`.
+
+The tokenizer is a `tokenizers` WordLevel model over a closed vocabulary (question and answer words of all the
+benchmarks, the prompt words, and the special tokens `<pad> <s> </s> <unk> <image>`), wrapped in
+`PreTrainedTokenizerFast`, left padding. Answers are single words, so greedy decoding gives `answer </s>`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "PROMPT",
+    "SPECIAL_TOKENS",
+    "TINY_MODELS",
+    "TinyVLMConfig",
+    "VOCABULARY",
+    "build_processor",
+    "build_tiny",
+    "build_tokenizer",
+    "format_prompt",
+    "load_tiny",
+    "resolve_checkpoint",
+    "save_tiny",
+]
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+#: LLaVA-1.5's conversation format; `{images}` is one "<image>\n" per image.
+PROMPT = "USER: {images}{question} ASSISTANT:"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+# Every word the benchmarks' questions and answers use (shapes, docs, video), plus the prompt words. Listed,
+# not harvested from samples, so the vocabulary (and so the token ids) can never drift with a generator.
+_WORDS = """
+USER ASSISTANT : ?
+what color is the shape object there a how many objects are where relative to of which way does move turn when
+appear next mark digit
+red green blue yellow purple cyan circle square triangle cross yes no one two three
+left right above below up down start middle end 0 1 2 3 4 5 6 7 8 9
+"""
+VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(_WORDS.split()))
+
+
+@dataclass
+class TinyVLMConfig:
+    """Recipe of one tiny VLM.
+
+    - arch: "llava" (LLaVA-1.5) or "llava_next" (anyres).
+    - benchmark: the benchmark it is trained on; benchmark_options: its generator options.
+    - image_size, patch_size: CLIP input side and patch side (per crop for llava_next).
+    - vision_*: CLIP tower width / depth / heads; text_*: Llama width / depth / heads / kv heads / MLP width.
+    - grid_pinpoints: anyres resolutions as [height, width] (llava_next only).
+    """
+
+    name: str
+    arch: str = "llava"
+    benchmark: str = "shapes"
+    benchmark_options: dict = field(default_factory=dict)
+    image_size: int = 128
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 8
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    text_intermediate: int = 256
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llava", "llava_next"):
+            raise ValueError(f"arch must be 'llava' or 'llava_next', got {self.arch!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size!r} must be a multiple of patch_size={self.patch_size!r}")
+        for name in ("vision_hidden", "text_hidden"):
+            heads = self.vision_heads if name.startswith("vision") else self.text_heads
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be divisible by its head count {heads}")
+        if self.text_heads % self.text_kv_heads:
+            raise ValueError(f"text_heads={self.text_heads} must be a multiple of text_kv_heads={self.text_kv_heads!r}")
+        if self.text_layers < 1 or self.vision_layers < 1:
+            raise ValueError(f"need at least one layer, got text_layers={self.text_layers!r}, "
+                             f"vision_layers={self.vision_layers!r}")
+        if self.arch == "llava_next" and not self.grid_pinpoints:
+            raise ValueError("grid_pinpoints must be given for arch='llava_next'")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Vision tokens per image (per crop for llava_next): (image_size / patch_size)^2, CLS dropped."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+TINY_MODELS: dict[str, TinyVLMConfig] = {
+    "tiny-llava-shapes": TinyVLMConfig(name="tiny-llava-shapes", benchmark="shapes",
+                                       image_size=128,
+                                       benchmark_options=dict(image_size=128)),
+    "tiny-llava-next-docs": TinyVLMConfig(
+        name="tiny-llava-next-docs", arch="llava_next", benchmark="docs", image_size=64, patch_size=16,
+        grid_pinpoints=((128, 128), (192, 128), (128, 192)),
+        benchmark_options=dict(page_sizes=((128, 128),)),
+    ),
+}
+
+
+def format_prompt(question: str, num_images: int = 1) -> str:
+    """The prompt for `question` with `num_images` image placeholders, answered after "ASSISTANT:"."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images!r}")
+    return PROMPT.format(images="<image>\n" * num_images, question=question)
+
+
+def build_tokenizer(words: tuple[str, ...] = VOCABULARY) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer over `SPECIAL_TOKENS + words`; prepends `<s>`; left padding."""
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, *words]))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs: "USER:" -> "USER", ":"
+    backend.add_special_tokens(list(SPECIAL_TOKENS))  # matched before pre-tokenization, so "<image>" stays whole
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=4096,
+    )
+
+
+def build_processor(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast | None = None):
+    """`LlavaProcessor` (CLIP image processor) or `LlavaNextProcessor` (anyres image processor)."""
+    tokenizer = tokenizer or build_tokenizer()
+    common = dict(size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    if cfg.arch == "llava":
+        image_processor = CLIPImageProcessor(**common)
+        cls = LlavaProcessor
+    else:
+        image_processor = LlavaNextImageProcessor(**common, image_grid_pinpoints=[list(p) for p in cfg.grid_pinpoints])
+        cls = LlavaNextProcessor
+    return cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+               vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def _model_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast):
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                       num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=2048,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                  vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    if cfg.arch == "llava":
+        return LlavaConfig(**common), LlavaForConditionalGeneration
+    return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in cfg.grid_pinpoints]), \
+        LlavaNextForConditionalGeneration
+
+
+def build_tiny(name_or_cfg: str | TinyVLMConfig, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A randomly initialised (model, processor) pair for a registered name or a `TinyVLMConfig`."""
+    cfg = _recipe(name_or_cfg)
+    tokenizer = build_tokenizer()
+    processor = build_processor(cfg, tokenizer)
+    config, model_cls = _model_config(cfg, tokenizer)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval(), processor
+
+
+def _recipe(name_or_cfg: str | TinyVLMConfig) -> TinyVLMConfig:
+    if isinstance(name_or_cfg, TinyVLMConfig):
+        return name_or_cfg
+    if name_or_cfg not in TINY_MODELS:
+        raise ValueError(f"tiny model must be one of {sorted(TINY_MODELS)} or a TinyVLMConfig, got {name_or_cfg!r}")
+    return replace(TINY_MODELS[name_or_cfg])
+
+
+def save_tiny(model, processor, path: str | os.PathLike) -> Path:
+    """`save_pretrained` of model (float32 safetensors), processor and tokenizer into `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A bundled checkpoint name (`eval/checkpoints/<name>`) or an existing directory -> its path."""
+    candidate = Path(name_or_path)
+    if candidate.is_dir():
+        return candidate
+    bundled = CHECKPOINT_DIR / str(name_or_path)
+    if bundled.is_dir():
+        return bundled
+    available = sorted(p.name for p in CHECKPOINT_DIR.iterdir() if p.is_dir()) if CHECKPOINT_DIR.is_dir() else []
+    raise ValueError(f"no tiny checkpoint {str(name_or_path)!r}: not a directory and not one of {available} "
+                     f"in {CHECKPOINT_DIR}")
+
+
+def load_tiny(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Load a saved tiny VLM offline: (model in eval mode, processor). Never touches the hub."""
+    from transformers import AutoConfig, AutoProcessor
+
+    path = resolve_checkpoint(name_or_path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model_cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}.get(
+        config.model_type)
+    if model_cls is None:
+        raise ValueError(f"{path} holds a {config.model_type!r} model, expected 'llava' or 'llava_next'")
+    model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model.eval(), processor
