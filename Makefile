@@ -20,7 +20,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml setup.py
 	@touch $(STAMP)
 
 bench: setup
-	$(PY) -m mmreduce.eval.bench_cpu
+	$(PY) -m mmreduce.eval.latency --preset cpu --out latency-cpu.json
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,0 +1,261 @@
+"""Latency benchmark on random-weight LLaVA models: baseline vs in-LLM reduction, measured and FLOPs-predicted.
+
+    python -m mmreduce.eval.latency --preset cpu          # hidden 1024, 16 layers, 576 vision + 40 text tokens
+    python -m mmreduce.eval.latency --preset llava-7b     # LLaVA-1.5-7B shapes, bf16, sdpa, needs a GPU
+
+Prefill is timed as the median of `--repeats` forwards (after warm-up, methods interleaved so that machine noise
+hits all of them alike); decode per token as (generate of 1 + N tokens − generate of 1 token) / N. Random weights
+say nothing about accuracy; they do fix every shape, so the timings are those of the real architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import mmreduce
+from mmreduce.flops import ModelDims
+
+__all__ = ["PRESETS", "LatencyPreset", "build_model", "main", "make_inputs", "run_benchmark"]
+
+
+@dataclass(frozen=True)
+class LatencyPreset:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int = 336
+    patch_size: int = 14  # (336 / 14)² = 576 vision tokens, as LLaVA-1.5
+    text_tokens: int = 40
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 10
+    decode_tokens: int = 16
+
+
+PRESETS = {
+    # Small enough for 2 CPU cores, large enough that the decoder dominates: hidden 1024, MHA like Vicuna; 16 layers
+    # so that PyramidDrop's quarters (4, 8, 12) fall where they do in 32 (with 8, a third of the depth sits at layer
+    # 2 and the scoring probe alone is ~3.7% of the FLOPs).
+    "cpu": LatencyPreset(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=16, vocab=4096,
+                         vision_hidden=64, vision_layers=1, vision_heads=2),
+    # LLaVA-1.5-7B: Vicuna-7B (4096, 11008, 32 layers, 32 heads) behind CLIP ViT-L/14-336.
+    "llava-7b": LatencyPreset(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32064,
+                              vision_hidden=1024, vision_layers=24, vision_heads=16, dtype="bfloat16",
+                              device="cuda", repeats=20, decode_tokens=32),
+}
+
+METHODS = {
+    "baseline": None,
+    "fastv K=2 r=0.25": ("fastv", dict(layer=2, keep_ratio=0.25)),
+    "pdrop λ=0.5": ("pdrop", dict(keep_ratio=0.5)),
+}
+
+
+def build_model(preset: LatencyPreset, attn: str = "sdpa"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
+            num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
+            image_size=preset.image_size, patch_size=preset.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=preset.vocab, hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+            num_hidden_layers=preset.layers, num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=preset.vocab - 1,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    dtype = getattr(torch, preset.dtype)
+    with torch.device(preset.device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    model.eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def make_inputs(preset: LatencyPreset, batch: int = 1) -> dict:
+    """Prompt = BOS + 5 text tokens + 576 image tokens + the remaining text (LLaVA's layout), all real tokens."""
+    vision = (preset.image_size // preset.patch_size) ** 2
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(3, preset.vocab - 2, (5,), generator=generator)
+    after = torch.randint(3, preset.vocab - 2, (preset.text_tokens - 6,), generator=generator)
+    row = torch.cat([torch.tensor([1]), before, torch.full((vision,), preset.vocab - 1), after])
+    input_ids = row.expand(batch, -1).contiguous()
+    pixel_values = torch.randn(batch, 3, preset.image_size, preset.image_size, generator=generator)
+    return {
+        "input_ids": input_ids.to(preset.device),
+        "attention_mask": torch.ones_like(input_ids).to(preset.device),
+        "pixel_values": pixel_values.to(preset.device, getattr(torch, preset.dtype)),
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def run_benchmark(preset: LatencyPreset, attn: str = "sdpa", methods=METHODS, log=print) -> list[dict]:
+    model = build_model(preset, attn)
+    inputs = make_inputs(preset)
+    dims = ModelDims.from_config(model.config.text_config)
+    wrapped = {name: (mmreduce.create_method(spec[0], **spec[1]) if spec else None) for name, spec in methods.items()}
+    prefill = {name: [] for name in methods}
+    selection = {name: [] for name in methods}
+    decode = {name: [] for name in methods}
+    stats = {}
+    kv_bytes = {}
+
+    def forward(name):
+        method = wrapped[name]
+        if method is None:
+            return lambda: model(**inputs, logits_to_keep=1)
+        return lambda: reduced[name](**inputs, logits_to_keep=1)
+
+    reduced = {}
+    with torch.inference_mode():
+        for name, method in wrapped.items():
+            if method is None:
+                continue
+            reduced[name] = mmreduce.wrap(model, method)
+            reduced[name](**inputs, logits_to_keep=1)
+            stats[name] = reduced[name].stats
+            reduced[name].unwrap()
+        log(f"warm-up and {preset.repeats} interleaved prefill repeats ...")
+        for repeat in range(preset.repeats + 2):
+            for name, method in wrapped.items():
+                if method is not None:
+                    reduced[name] = mmreduce.wrap(model, method)
+                elapsed = _timed(forward(name), preset.device)
+                if method is not None:
+                    selection[name].append(reduced[name].stats.selection_ms)
+                    reduced[name].unwrap()
+                if repeat >= 2:
+                    prefill[name].append(elapsed)
+        log("decode ...")
+        generate = dict(do_sample=False, pad_token_id=0)
+        for repeat in range(3):
+            for name, method in wrapped.items():
+                target = mmreduce.wrap(model, method) if method is not None else model
+                try:
+                    one = _timed(lambda: target.generate(**inputs, max_new_tokens=1, **generate), preset.device)
+                    out = {}
+
+                    def many():
+                        out["result"] = target.generate(**inputs, max_new_tokens=1 + preset.decode_tokens,
+                                                        min_new_tokens=1 + preset.decode_tokens,
+                                                        return_dict_in_generate=True, **generate)
+
+                    total = _timed(many, preset.device)
+                    cache = out["result"].cache if hasattr(out["result"], "cache") else out["result"].past_key_values
+                    kv_bytes[name] = sum(
+                        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers
+                    )
+                finally:
+                    if method is not None:
+                        target.unwrap()
+                decode[name].append((total - one) / preset.decode_tokens)
+
+    rows = []
+    baseline_ms = statistics.median(prefill["baseline"])
+    for name in methods:
+        method_stats = stats.get(name)
+        if method_stats is None:
+            vision = (preset.image_size // preset.patch_size) ** 2
+            flops = mmreduce.prefill_flops([vision + preset.text_tokens] * preset.layers, dims)
+            baseline_flops, equivalent = flops, float(vision)
+        else:
+            flops, baseline_flops = method_stats.flops()
+            equivalent = method_stats.equivalent_vision_tokens
+        median = statistics.median(prefill[name])
+        predicted = baseline_flops / flops
+        measured = baseline_ms / median
+        rows.append({
+            "method": name,
+            "equivalent_vision_tokens": equivalent,
+            "prefill_flops": flops,
+            "prefill_ms": median,
+            "prefill_ms_all": prefill[name],
+            "selection_ms": statistics.median(selection[name]) if selection[name] else 0.0,
+            "selection_share": (statistics.median(selection[name]) / median) if selection[name] else 0.0,
+            "decode_ms_per_token": statistics.median(decode[name]),
+            "kv_cache_mb": kv_bytes.get(name, 0) / 2**20,
+            "predicted_speedup": predicted,
+            "measured_speedup": measured,
+            "measured_over_predicted": measured / predicted,
+        })
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| method | eq. vision tokens | prefill GFLOPs | prefill ms (median) | speedup measured / predicted (ratio) "
+        "| scoring+selection | decode ms/token | KV cache MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['equivalent_vision_tokens']:.0f} | {r['prefill_flops'] / 1e9:.1f} | "
+            f"{r['prefill_ms']:.1f} | {r['measured_speedup']:.2f}× / {r['predicted_speedup']:.2f}× "
+            f"({100 * r['measured_over_predicted']:.0f}%) | {100 * r['selection_share']:.2f}% | "
+            f"{r['decode_ms_per_token']:.1f} | {r['kv_cache_mb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--repeats", type=int, default=None, help="prefill repeats (>= 10 recommended)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error("--repeats must be >= 1")
+        preset = LatencyPreset(**{**preset.__dict__, "repeats": args.repeats})
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset!r} needs a CUDA GPU; use --preset cpu here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"preset {args.preset}: hidden {preset.hidden}, {preset.layers} layers, "
+          f"{(preset.image_size // preset.patch_size) ** 2} vision + {preset.text_tokens} text tokens, "
+          f"{preset.dtype} on {preset.device}, attn {args.attn}, torch threads {torch.get_num_threads()}")
+    rows = run_benchmark(preset, args.attn, log=lambda m: print(m, file=sys.stderr))
+    print(to_markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"preset": args.preset, "attn": args.attn, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
