@@ -22,7 +22,7 @@ import torch
 import mmreduce
 from mmreduce.flops import ModelDims
 
-__all__ = ["PRESETS", "LatencyPreset", "build_model", "main", "make_inputs", "run_benchmark"]
+__all__ = ["PRESETS", "LatencyPreset", "add_subparser", "build_model", "main", "make_inputs", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -229,21 +229,30 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument("--repeats", type=int, default=None, help="prefill repeats (>= 10 recommended)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run_from_args)
+    return parser
+
+
+def add_subparser(subparsers) -> None:
+    """Adds `mmreduce latency` to the CLI."""
+    add_arguments(subparsers.add_parser("latency", help="baseline vs reduced prefill/decode latency, random weights",
+                                        description=__doc__))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     if args.repeats is not None:
         if args.repeats < 1:
-            parser.error("--repeats must be >= 1")
+            raise SystemExit("--repeats must be >= 1")
         preset = LatencyPreset(**{**preset.__dict__, "repeats": args.repeats})
     if preset.device == "cuda" and not torch.cuda.is_available():
-        parser.error(f"preset {args.preset!r} needs a CUDA GPU; use --preset cpu here")
+        raise SystemExit(f"preset {args.preset!r} needs a CUDA GPU; use --preset cpu here")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"preset {args.preset}: hidden {preset.hidden}, {preset.layers} layers, "
@@ -253,8 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     print(to_markdown(rows))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "attn": args.attn, "rows": rows}, f, indent=2)
+            json.dump({"preset": args.preset, "attn": args.attn, "device": _device_name(preset), "rows": rows},
+                      f, indent=2)
     return 0
+
+
+def _device_name(preset: LatencyPreset) -> str:
+    if preset.device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_arguments(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":
