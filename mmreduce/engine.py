@@ -152,6 +152,7 @@ class Reducer:
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         reference = embeds if embeds is not None else ids
+        self._phase = "prefill"
         if reference is None:
             return
         batch, length = reference.shape[:2]
@@ -164,7 +165,8 @@ class Reducer:
             record = self._records.get(cache)
             if record is not None:
                 check_dynamic_cache(cache)
-                self._run = _DecodeRun(record, _as_2d_mask(attention_mask, batch, past + length), cache)
+                full_mask = _as_2d_mask(attention_mask, batch, past + length, reference.device)
+                self._run = _DecodeRun(record, full_mask, cache)
             return
         vision = pending[0] if pending is not None else None
         if vision is not None and tuple(vision.shape) != (batch, length):
@@ -172,7 +174,7 @@ class Reducer:
         stats = ReductionStats(method=self.method.describe(), num_layers=self.num_layers, dims=self._dims)
         stats.vision_ms, self._vision_s = self._vision_s * 1e3, 0.0
         self.stats = stats
-        input_mask = _as_2d_mask(attention_mask, batch, length)
+        input_mask = _as_2d_mask(attention_mask, batch, length, reference.device)
         vision = (vision if vision is not None else torch.zeros(batch, length, dtype=torch.bool)).to(reference.device)
         vision = vision & input_mask
         initial = vision.sum(dim=1)
@@ -388,10 +390,10 @@ def check_dynamic_cache(cache) -> None:
         )
 
 
-def _as_2d_mask(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
-    """(B, length) bool 2-D mask; all ones when none was given."""
+def _as_2d_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """(B, length) bool 2-D mask on `device`; all ones when none was given."""
     if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool)
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
     if attention_mask.dim() != 2:
         raise ValueError(
             f"mmreduce needs the 2-D attention mask (B, T) to rebuild per-layer masks, got shape "
@@ -399,7 +401,7 @@ def _as_2d_mask(attention_mask: torch.Tensor | None, batch: int, length: int) ->
         )
     if tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)}")
-    return attention_mask.bool()
+    return attention_mask.to(device=device, dtype=torch.bool)
 
 
 def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
