@@ -58,8 +58,8 @@ def _shapes_pool(sample: Sample, rng: np.random.Generator) -> list[tuple[str, st
 def _docs_pool(sample: Sample) -> list[tuple[str, str]]:
     pool = []
     for f in sample.meta["fields"]:
-        pool.append((f"what digit is next to the {f['color']} mark ?", f["digit"]))
-        pool.append((f"what color is the mark next to the {f['digit']} ?", f["color"]))
+        pool.append((f"what digit is in the {f['color']} box ?", f["digit"]))
+        pool.append((f"what color is the box with the {f['digit']} ?", f["color"]))
     return pool
 
 

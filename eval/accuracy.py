@@ -11,14 +11,15 @@ core lands; it saves no compute.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import math
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .benchmarks import Sample
 from .tiny_models import format_prompt
 
-__all__ = ["evaluate", "generate_answers", "normalize_answer", "random_vision_mask"]
+__all__ = ["evaluate", "generate_answers", "normalize_answer", "random_vision_mask", "scored_vision_mask"]
 
 
 def normalize_answer(text: str) -> str:
@@ -73,13 +74,17 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return language_model.layers
 
 
-@contextlib.contextmanager
-def random_vision_mask(model, keep_ratio: float, layer: int = 2, seed: int = 0) -> Iterator[None]:
-    """Within the block, layers >= `layer` cannot attend to a random `1 - keep_ratio` share of the vision tokens.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    Per sample, ceil(keep_ratio * n_vision) vision positions are kept (uniformly at random, seeded). The keys
+
+@contextlib.contextmanager
+def scored_vision_mask(model, keep_ratio: float, layer: int, score_fn: ScoreFn) -> Iterator[None]:
+    """Within the block, layers >= `layer` attend only to the top-scored `keep_ratio` share of vision tokens.
+
+    `score_fn(input_ids, vision)` gets the prompt ids (B, T) and the vision mask (B, T) at prefill and returns
+    (B, T) scores; per sample the ceil(keep_ratio * n_vision) best-scored vision positions stay visible. The keys
     of the others are masked in every layer from `layer` on, at prefill and at every decode step; layers below
-    `layer` see everything. This is the masked reference of random dropping (same maths, no speed-up).
+    `layer` see everything. This is the full-length masked reference of dropping them (same maths, no speed-up).
     """
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
@@ -87,7 +92,6 @@ def random_vision_mask(model, keep_ratio: float, layer: int = 2, seed: int = 0) 
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer must be in [0, {len(layers)}), got {layer!r}")
     image_token_id = model.config.image_token_id
-    generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
 
     def capture(module, args, kwargs):
@@ -95,11 +99,12 @@ def random_vision_mask(model, keep_ratio: float, layer: int = 2, seed: int = 0) 
         if input_ids is None or not (input_ids == image_token_id).any():
             return None  # decode step: keep the prefill's drop mask (the cache keeps growing after it)
         vision = input_ids == image_token_id  # (B, T)
+        scores = score_fn(input_ids, vision)  # (B, T)
         dropped = torch.zeros_like(vision)
         for b in range(vision.shape[0]):
             positions = vision[b].nonzero().squeeze(1)  # (n_vision,)
-            n_keep = -(-int(round(keep_ratio * positions.numel() * 1e6)) // 1_000_000)  # ceil, float-safe
-            order = torch.randperm(positions.numel(), generator=generator)
+            n_keep = math.ceil(round(keep_ratio * positions.numel(), 6))
+            order = torch.sort(scores[b, positions], descending=True, stable=True).indices  # ties: earlier first
             dropped[b, positions[order[n_keep:]]] = True
         state["dropped"] = dropped
         return None
@@ -134,3 +139,22 @@ def random_vision_mask(model, keep_ratio: float, layer: int = 2, seed: int = 0) 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def random_vision_mask(model, keep_ratio: float, layer: int = 2, seed: int = 0):
+    """`scored_vision_mask` with a uniformly random choice per sample (seeded): the `random` method's reference.
+
+    Per sample, a `torch.randperm` of its vision positions (one generator for the whole block) is drawn and
+    the first ceil(keep_ratio * n_vision) of it are kept.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def score(input_ids: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        scores = torch.zeros(vision.shape, dtype=torch.float32)  # (B, T)
+        for b in range(vision.shape[0]):
+            positions = vision[b].nonzero().squeeze(1)
+            order = torch.randperm(positions.numel(), generator=generator)
+            scores[b, positions[order]] = torch.arange(positions.numel(), 0, -1, dtype=torch.float32)
+        return scores
+
+    return scored_vision_mask(model, keep_ratio, layer, score)

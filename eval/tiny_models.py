@@ -42,6 +42,7 @@ from transformers import (
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "DOCS_VOCABULARY",
     "PROMPT",
     "SPECIAL_TOKENS",
     "TINY_MODELS",
@@ -78,6 +79,9 @@ red green blue yellow purple cyan circle square triangle cross yes no one two th
 left right above below up down start middle end 0 1 2 3 4 5 6 7 8 9
 """
 VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(_WORDS.split()))
+# Words added after `tiny-llava-shapes` was trained go last, so the shapes vocabulary (and its token ids and
+# initialisation) stays a prefix and the shipped checkpoint stays reproducible.
+DOCS_VOCABULARY: tuple[str, ...] = (*VOCABULARY, "in", "box", "with")
 
 
 @dataclass
@@ -87,6 +91,7 @@ class TinyVLMConfig:
     - arch: "llava" (LLaVA-1.5) or "llava_next" (anyres).
     - benchmark: the benchmark it is trained on; benchmark_options: its generator options.
     - image_size, patch_size: CLIP input side and patch side (per crop for llava_next).
+    - words: the tokenizer's closed vocabulary (after the special tokens).
     - vision_*: CLIP tower width / depth / heads; text_*: Llama width / depth / heads / kv heads / MLP width.
     - grid_pinpoints: anyres resolutions as [height, width] (llava_next only).
     """
@@ -106,6 +111,7 @@ class TinyVLMConfig:
     text_kv_heads: int = 4
     text_intermediate: int = 256
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    words: tuple[str, ...] = VOCABULARY
 
     def __post_init__(self) -> None:
         if self.arch not in ("llava", "llava_next"):
@@ -137,7 +143,7 @@ TINY_MODELS: dict[str, TinyVLMConfig] = {
     "tiny-llava-next-docs": TinyVLMConfig(
         name="tiny-llava-next-docs", arch="llava_next", benchmark="docs", image_size=64, patch_size=16,
         grid_pinpoints=((128, 128), (192, 128), (128, 192)),
-        benchmark_options=dict(page_sizes=((128, 128),)),
+        benchmark_options=dict(page_sizes=((128, 128),)), words=DOCS_VOCABULARY,
     ),
 }
 
@@ -198,7 +204,7 @@ def _model_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast):
 def build_tiny(name_or_cfg: str | TinyVLMConfig, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised (model, processor) pair for a registered name or a `TinyVLMConfig`."""
     cfg = _recipe(name_or_cfg)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg.words)
     processor = build_processor(cfg, tokenizer)
     config, model_cls = _model_config(cfg, tokenizer)
     config._attn_implementation = attn_implementation

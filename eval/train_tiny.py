@@ -83,12 +83,12 @@ def _label_map(sample, size: tuple[int, int]) -> np.ndarray:
         for o in meta["objects"]:
             draw_shape(draw, o["shape"], o["cx"], o["cy"], o["radius"], _COLOR_IDS[o["color"]] * 8 + _SHAPE_IDS[o["shape"]])
         return np.asarray(canvas, dtype=np.int64)
-    # Two label planes packed in one id: mark colour * 16 + digit (1-10; 0 = none). Text lines stay background.
+    # Two label planes packed in one id: box colour * 16 + digit (1-10; 0 = none). Text lines stay background.
     canvas = np.zeros((height, width), dtype=np.int64)
     for f in meta["fields"]:
         x0, y0, x1, y1 = f["box"]
-        canvas[y0:y1 + 1, x0:x0 + 8] = _COLOR_IDS[f["color"]] * 16  # the 8 px mark column
-        canvas[y0:y1 + 1, x0 + 11:x1 + 1] = 1 + int(f["digit"])  # the digit after the 3 px gap
+        canvas[y0:y1 + 1, x0:x1 + 1] = _COLOR_IDS[f["color"]] * 16  # the coloured box
+        canvas[y0 + 2:y1 - 1, x0 + 2:x1 - 1] += 1 + int(f["digit"])  # the digit inside its 2 px margin
     return canvas
 
 

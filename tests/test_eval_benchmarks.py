@@ -102,10 +102,10 @@ def test_docs_answers_follow_from_the_fields():
     for s in load_benchmark("docs", "test", 60, seed=1):
         fields = s.meta["fields"]
         assert len({f["color"] for f in fields}) == len(fields) and len({f["digit"] for f in fields}) == len(fields)
-        if m := re.fullmatch(r"what digit is next to the (\w+) mark \?", s.question):
+        if m := re.fullmatch(r"what digit is in the (\w+) box \?", s.question):
             assert [f["digit"] for f in fields if f["color"] == m[1]] == [s.answer]
         else:
-            digit = re.fullmatch(r"what color is the mark next to the (\d) \?", s.question)[1]
+            digit = re.fullmatch(r"what color is the box with the (\d) \?", s.question)[1]
             assert [f["color"] for f in fields if f["digit"] == digit] == [s.answer]
         # Most of the page is empty paper: pixels far from the paper tone are few.
         pixels = np.asarray(s.image).astype(int)

@@ -1,15 +1,15 @@
 """`docs`: large, mostly empty page-like images with a few small fields, for cropping (anyres) models.
 
-A page holds 2-4 fields, each a coloured square mark with a seven-segment digit to its right, plus a few grey
-"text line" bars as distractors. The fields sit in one or two small clusters, so most crops of the page are
+A page holds 2-4 fields, each a small coloured box with a seven-segment digit inside (black on light colours,
+white on dark ones), plus a few grey "text line" bars as distractors. The fields sit in one or two small clusters, so most crops of the page are
 empty paper and one or two crops hold all the information.
 
 | qtype | question | answers |
 |---|---|---|
-| digit_of_color | what digit is next to the {color} mark ? | 0-9 |
-| color_of_digit | what color is the mark next to the {digit} ? | the 6 colours |
+| digit_of_color | what digit is in the {color} box ? | 0-9 |
+| color_of_digit | what color is the box with the {digit} ? | the 6 colours |
 
-Marks have distinct colours and fields distinct digits within a page, so every question has one answer.
+Boxes have distinct colours and fields distinct digits within a page, so every question has one answer.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ QTYPES: tuple[str, ...] = ("digit_of_color", "color_of_digit")
 DIGITS: tuple[str, ...] = tuple("0123456789")
 ANSWERS: dict[str, tuple[str, ...]] = {"digit_of_color": DIGITS, "color_of_digit": tuple(COLORS)}
 
-# Field geometry in pixels: an 8 px mark, a 3 px gap, then an 8 x 12 digit with 2 px strokes.
-_MARK, _GAP, _DIGIT_W, _DIGIT_H, _STROKE = 8, 3, 8, 12, 2
-_FIELD_W, _FIELD_H = _MARK + _GAP + _DIGIT_W, _DIGIT_H
+# Field geometry in pixels: a 12 x 16 box holding an 8 x 12 digit (2 px strokes) with a 2 px margin.
+_DIGIT_W, _DIGIT_H, _STROKE, _MARGIN = 8, 12, 2, 2
+_FIELD_W, _FIELD_H = _DIGIT_W + 2 * _MARGIN, _DIGIT_H + 2 * _MARGIN
 
 
 @dataclass
@@ -104,9 +104,10 @@ def make_docs_sample(split: str, seed: int, index: int, cfg: DocsConfig | None =
         else:
             raise RuntimeError(f"docs: no room for field {i} in sample {index} of {split}")
         taken.append(box)
-        mark_y = y + (_DIGIT_H - _MARK) // 2
-        draw.rectangle((x, mark_y, x + _MARK - 1, mark_y + _MARK - 1), fill=COLORS[colors[i]])
-        draw_digit(draw, digits[i], x + _MARK + _GAP, y, _DIGIT_W, _DIGIT_H, _STROKE, (20, 20, 20))
+        fill = COLORS[colors[i]]
+        draw.rectangle(box, fill=fill)
+        ink = (20, 20, 20) if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 120 else (250, 250, 250)
+        draw_digit(draw, digits[i], x + _MARGIN, y + _MARGIN, _DIGIT_W, _DIGIT_H, _STROKE, ink)
         fields.append(dict(color=colors[i], digit=digits[i], box=box))
 
     lines = []
@@ -120,8 +121,8 @@ def make_docs_sample(split: str, seed: int, index: int, cfg: DocsConfig | None =
         lines.append(box)
 
     target = fields[0]
-    question = (f"what digit is next to the {target['color']} mark ?" if qtype == "digit_of_color"
-                else f"what color is the mark next to the {target['digit']} ?")
+    question = (f"what digit is in the {target['color']} box ?" if qtype == "digit_of_color"
+                else f"what color is the box with the {target['digit']} ?")
     meta = dict(benchmark="docs", split=split, seed=seed, index=index, qtype=qtype, page_size=(width, height),
                 fields=fields, lines=lines, target_boxes=[target["box"]])
     return Sample(images=[page], question=question, answer=answer, choices=ANSWERS[qtype], meta=meta)
