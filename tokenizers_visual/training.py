@@ -57,7 +57,7 @@ def train_steps(params: Iterable[nn.Parameter], step_fn: Callable[[int], tuple[T
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             if step % log_every == 0 or step == steps - 1:
-                rec = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"],
+                rec = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                        "elapsed_s": round(time.time() - start, 1), **scalars}
                 records.append(rec)
                 bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k in ("loss", *scalars)})

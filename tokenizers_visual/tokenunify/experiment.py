@@ -1,0 +1,217 @@
+"""TokenUnify experiments: pretraining runs, next-token / roll-out evaluation, few-label segmentation.
+
+Data seeds: pretraining pool = data seed 0 (800 volumes), prediction test = data seed 7 (64 volumes),
+segmentation labelled pool = data seed 11 (32 volumes; each fine-tuning seed draws its few labelled ones),
+segmentation test = data seed 13 (16 volumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..training import seed_everything, train_steps
+from .data import affinities, make_volumes
+from .model import TokenUnifyConfig, TokenUnifyModel
+from .segment import segment_affinities, segmentation_scores
+from .tokens import patchify, prefix_corrupt, random_token_corrupt, sample_prefix, unpatchify
+
+__all__ = ["evaluate_prediction", "evaluate_rollout", "finetune_segmentation", "ground_truth_ceiling", "pretrain",
+           "unpatchify_affinities"]
+
+POOL_SEED, TEST_SEED, SEG_POOL_SEED, SEG_TEST_SEED = 0, 7, 11, 13
+
+
+def _pool(n: int, seed: int, config: TokenUnifyConfig) -> tuple[Tensor, Tensor]:
+    return make_volumes(n, tuple(config.volume), seed)
+
+
+def pretrain(objective: str, steps: int, out: str | Path, init: str | Path | None = None, seed: int = 0,
+             batch: int = 8, lr: float = 2e-3, log_path: str | Path | None = None,
+             config: TokenUnifyConfig | None = None, pool_size: int = 800) -> TokenUnifyModel:
+    """Train `steps` steps of one objective ("masked", "next" or "tokenunify" = next + next-all) and save.
+
+    The two-stage TokenUnify schedule is ``pretrain("masked", ...)`` then ``pretrain("tokenunify", init=...)``.
+    """
+    seed_everything(seed)
+    model = TokenUnifyModel.load(init) if init else TokenUnifyModel(config or TokenUnifyConfig())
+    history = json.loads((Path(init) / "config.json").read_text()).get("history", []) if init else []
+    volumes, _ = _pool(pool_size, POOL_SEED, model.config)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(_i: int):
+        idx = torch.randint(0, volumes.shape[0], (batch,), generator=gen)
+        return model.loss(volumes[idx], objective, gen), {}
+
+    model.train()
+    t0 = time.time()
+    train_steps(model.parameters(), step, steps, lr, warmup=min(50, steps // 4 + 1), betas=(0.9, 0.95),
+                log_path=log_path, desc=f"tokenunify-{objective}")
+    history = [*history, {"objective": objective, "steps": steps, "seed": seed, "seconds": round(time.time() - t0)}]
+    model.save(out, extra={"history": history})
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_prediction(models: dict[str, TokenUnifyModel], n: int = 64, seed: int = 0) -> dict[str, dict]:
+    """Held-out next-token MSE (next head, and pixel head at position k) and masked-token MSE per model,
+    with copy-previous and mean-token baselines. k ~ U{1..K-1} per volume from `seed`."""
+    config = next(iter(models.values())).config
+    test, _ = _pool(n, TEST_SEED, config)
+    x = patchify(test, config.patch)  # (n, K, P)
+    pool, _ = _pool(200, POOL_SEED, config)
+    mean_token = patchify(pool, config.patch).mean(dim=(0, 1))  # (P,) mean training token
+    gen = torch.Generator().manual_seed(seed)
+    k = sample_prefix(n, x.shape[1], gen)
+    corrupted, target = prefix_corrupt(x, k, "noise", gen)
+    masked, mask = random_token_corrupt(x, config.mask_ratio, "zero", gen)
+    rows = torch.arange(n)
+    out: dict[str, dict] = {
+        "baseline_copy_previous": {"next_mse": F.mse_loss(x[rows, k - 1], target).item()},
+        "baseline_mean_token": {"next_mse": F.mse_loss(mean_token.expand_as(target), target).item(),
+                                "masked_mse": F.mse_loss(mean_token.expand_as(x[mask]), x[mask]).item()},
+    }
+    for name, model in models.items():
+        model.eval()
+        feats = model.features(corrupted)
+        rec = model.reconstruct(masked)
+        out[name] = {"next_mse": F.mse_loss(model.predict_next(corrupted, feats), target).item(),
+                     "next_mse_pixel_head": F.mse_loss(model.reconstruct(corrupted, feats)[rows, k], target).item(),
+                     "masked_mse": F.mse_loss(rec[mask], x[mask]).item()}
+    return out
+
+
+@torch.no_grad()
+def evaluate_rollout(models: dict[str, TokenUnifyModel], start: int = 16, length: int = 32, n: int = 64,
+                     seed: int = 0) -> dict[str, list[float]]:
+    """Autoregressive roll-out: given tokens < start, predict token start, write it in, predict the next, ...
+
+    Returns per model the MSE at roll-out steps 1..length (averaged over n held-out volumes), plus the
+    copy-last-given-token baseline.
+    """
+    config = next(iter(models.values())).config
+    if not 1 <= start < start + length <= config.num_tokens:
+        raise ValueError(f"need 1 <= start < start + length <= {config.num_tokens}, got start={start}, length={length}")
+    test, _ = _pool(n, TEST_SEED, config)
+    x = patchify(test, config.patch)
+    gen = torch.Generator().manual_seed(seed)
+    k0 = torch.full((n,), start)
+    base, _ = prefix_corrupt(x, k0, "noise", gen)
+    out = {"baseline_copy_last": [F.mse_loss(x[:, start - 1], x[:, start + j]).item() for j in range(length)]}
+    for name, model in models.items():
+        model.eval()
+        seq, errs = base.clone(), []
+        for j in range(length):
+            pred = model.predict_next(seq)  # (n, P)
+            errs.append(F.mse_loss(pred, x[:, start + j]).item())
+            seq[:, start + j] = pred  # the model's own prediction becomes context
+        out[name] = errs
+    return out
+
+
+def unpatchify_affinities(logits: Tensor, config: TokenUnifyConfig) -> Tensor:
+    """(B, K, nd * P) -> (B, nd, *volume): channel-major split of each token's outputs, then unpatchify."""
+    b, k, _ = logits.shape
+    nd = len(config.volume)
+    per_channel = logits.reshape(b, k, nd, config.patch_voxels).permute(0, 2, 1, 3)  # (B, nd, K, P)
+    flat = per_channel.reshape(b * nd, k, config.patch_voxels)
+    return unpatchify(flat, tuple(config.volume), tuple(config.patch)).reshape(b, nd, *config.volume)
+
+
+def finetune_segmentation(init: str | Path | None, seed: int, steps: int = 300, n_labelled: int = 4, batch: int = 4,
+                          lr: float = 1e-3, n_test: int = 16, config: TokenUnifyConfig | None = None,
+                          log_path: str | Path | None = None) -> dict[str, float]:
+    """Fine-tune backbone + affinity head on n_labelled volumes (chosen by `seed`); VOI/ARAND on n_test volumes.
+
+    The loss is class-balanced BCE on the nd affinity channels (boundary edges are rare).
+    """
+    seed_everything(seed)
+    model = TokenUnifyModel.load(init) if init else TokenUnifyModel(config or TokenUnifyConfig())
+    config = model.config
+    nd = len(config.volume)
+    pool, pool_labels = _pool(32, SEG_POOL_SEED, config)
+    pick = torch.randperm(32, generator=torch.Generator().manual_seed(seed))[:n_labelled]
+    images, target = pool[pick], affinities(pool_labels[pick], nd)  # (m, *V), (m, nd, *V)
+    pos = target.mean()
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def step(_i: int):
+        idx = torch.randint(0, n_labelled, (batch,), generator=gen)
+        vol, aff = images[idx], target[idx]
+        logits = unpatchify_affinities(model.affinity_logits(patchify(vol, config.patch)), config)
+        weight = torch.where(aff > 0.5, 0.5 / pos, 0.5 / (1 - pos))
+        return F.binary_cross_entropy_with_logits(logits, aff, weight=weight), {}
+
+    model.train()
+    train_steps(model.parameters(), step, steps, lr, warmup=20, log_path=log_path, desc=f"seg-seed{seed}")
+    model.eval()
+    test, test_labels = _pool(n_test, SEG_TEST_SEED, config)
+    scores = []
+    with torch.no_grad():
+        aff = torch.sigmoid(unpatchify_affinities(model.affinity_logits(patchify(test, config.patch)), config))
+    for i in range(n_test):
+        seg = segment_affinities(aff[i].numpy())
+        scores.append(segmentation_scores(test_labels[i].numpy(), seg))
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
+def ground_truth_ceiling(config: TokenUnifyConfig | None = None, n_test: int = 16) -> dict[str, float]:
+    """VOI/ARAND of the post-processing itself: ground-truth affinities through the same watershed."""
+    config = config or TokenUnifyConfig()
+    _, labels = _pool(n_test, SEG_TEST_SEED, config)
+    scores = [segmentation_scores(lab.numpy(), segment_affinities(affinities(lab, len(config.volume)).numpy()))
+              for lab in labels]
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
+# ----- CLI glue (called from tokenizers_visual/cli.py) -----
+def pretrain_cli(args: argparse.Namespace) -> None:
+    if args.objective == "tokenunify" and not args.init:
+        # Full two-stage schedule in one call: random-token stage, then next + next-all.
+        stage1 = Path(args.out) / "stage1-masked"
+        pretrain("masked", args.steps, stage1, seed=args.seed, log_path=args.log)
+        pretrain("tokenunify", args.steps, args.out, init=stage1, seed=args.seed, log_path=args.log)
+    else:
+        pretrain(args.objective, args.steps, args.out, init=args.init, seed=args.seed, log_path=args.log)
+
+
+def _named(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise SystemExit(f"--checkpoints takes name=folder pairs, got {p!r}")
+        name, folder = p.split("=", 1)
+        out[name] = folder
+    return out
+
+
+def eval_cli(args: argparse.Namespace) -> None:
+    named = _named(args.checkpoints or [])
+    if args.what in ("prediction", "rollout"):
+        if not named:
+            raise SystemExit("--checkpoints name=folder ... is required")
+        models = {name: TokenUnifyModel.load(folder) for name, folder in named.items()}
+        result = evaluate_prediction(models) if args.what == "prediction" else evaluate_rollout(models)
+    else:
+        # name=folder pairs; the folder "scratch" means no pretraining.
+        named = named or {"scratch": "scratch"}
+        result = {"ground_truth_affinities": ground_truth_ceiling()}
+        for name, folder in named.items():
+            runs = [finetune_segmentation(None if folder == "scratch" else folder, seed, steps=args.finetune_steps)
+                    for seed in args.seeds]
+            result[name] = {"per_seed": runs, "seeds": args.seeds,
+                            **{f"{key}_mean": float(np.mean([r[key] for r in runs])) for key in runs[0]},
+                            **{f"{key}_std": float(np.std([r[key] for r in runs])) for key in runs[0]}}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+
