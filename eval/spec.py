@@ -1,0 +1,128 @@
+"""Method specs on the command line: `NAME` or `NAME:key=value,key=value` (lists joined with `+`).
+
+    pdrop:layers=2+4+6,keep_ratio=0.5      -> ("pdrop", {"layers": (2, 4, 6), "keep_ratio": 0.5})
+    fastv:layer=2,equivalent=0.33          -> fitted: keep_ratio chosen so 33% of vision tokens remain on average
+    baseline                               -> the unreduced model
+
+`equivalent` is not a method field: the harness fits the method's `keep_ratio` so that the vision tokens averaged
+over layers equal that fraction of the image's tokens (or that many tokens, when > 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import mmreduce
+from mmreduce.methods.base import _REGISTRY
+
+__all__ = ["MethodSpec", "fit_equivalent", "parse_spec"]
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    equivalent: float | None = None
+    text: str = ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.name == BASELINE
+
+    def build(self, num_layers: int | None = None, vision_tokens: int | None = None) -> mmreduce.ReductionMethod | None:
+        """The method object (None for the baseline); fits `keep_ratio` when an equivalent budget was asked for."""
+        if self.is_baseline:
+            return None
+        kwargs = dict(self.kwargs)
+        if self.equivalent is None:
+            return mmreduce.create_method(self.name, **kwargs)
+        if num_layers is None or vision_tokens is None:
+            raise ValueError(f"spec {self.text!r} asks for an equivalent budget: the model depth and vision tokens "
+                             "are needed to fit it")
+        return fit_equivalent(self.name, kwargs, self.equivalent, num_layers, vision_tokens)
+
+
+def _parse_value(text: str) -> Any:
+    if "+" in text:
+        return tuple(_parse_value(part) for part in text.split("+"))
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(text: str) -> MethodSpec:
+    """Parses one SPEC; errors name the bad part and the valid fields."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty method spec {text!r}")
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if name != BASELINE and name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r} in spec {text!r}; choose baseline or one of {mmreduce.list_methods()}")
+    if name == BASELINE and rest:
+        raise ValueError(f"baseline takes no parameters, got {text!r}")
+    kwargs: dict[str, Any] = {}
+    equivalent = None
+    fields = {f.name for f in dataclasses.fields(_REGISTRY[name]) if f.init} if name != BASELINE else set()
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not value:
+            raise ValueError(f"spec part {item!r} of {text!r} is not key=value")
+        if key == "equivalent":
+            equivalent = float(value)
+            if not equivalent > 0:
+                raise ValueError(f"equivalent must be > 0 in {text!r}")
+            continue
+        if key not in fields:
+            raise ValueError(f"{name} has no field {key!r} (spec {text!r}); fields: {sorted(fields)} or equivalent")
+        kwargs[key] = _parse_value(value.strip())
+    if equivalent is not None and "keep_ratio" not in fields:
+        raise ValueError(f"equivalent= needs a method with a keep_ratio field, {name} has none")
+    if equivalent is not None and "keep_ratio" in kwargs:
+        raise ValueError(f"give either keep_ratio or equivalent in {text!r}, not both")
+    mmreduce.create_method(name, **kwargs) if name != BASELINE else None  # validate the fields now
+    return MethodSpec(name, tuple(sorted(kwargs.items())), equivalent, text.strip())
+
+
+def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, vision_tokens: int):
+    """The method with `keep_ratio` fitted (bisection) so that its mean vision tokens over layers match the budget.
+
+    `equivalent` <= 1 is a fraction of `vision_tokens`, > 1 a token count. Raises ValueError when the budget is
+    below what the method can reach at its layers (layer 0 and the layers before the first drop stay full).
+    """
+    target = equivalent * vision_tokens if equivalent <= 1 else equivalent
+
+    def mean_tokens(ratio: float) -> float:
+        method = mmreduce.create_method(name, **kwargs, keep_ratio=ratio)
+        counts = method.planned_counts(num_layers, vision_tokens)
+        return sum(counts) / num_layers
+
+    low, high = 1e-6, 1.0
+    if mean_tokens(low) > target + 1e-9:
+        raise ValueError(
+            f"{name} {kwargs or ''} cannot reach {target:.1f} equivalent vision tokens on a {num_layers}-layer model: "
+            f"its minimum is {mean_tokens(low):.1f} (layers before the first drop keep all {vision_tokens})"
+        )
+    if mean_tokens(high) <= target:
+        return mmreduce.create_method(name, **kwargs, keep_ratio=1.0)
+    for _ in range(60):
+        middle = (low + high) / 2
+        if mean_tokens(middle) > target:
+            high = middle
+        else:
+            low = middle
+    # Floor (not round) to 6 digits: the fitted method must stay within the budget.
+    return mmreduce.create_method(name, **kwargs, keep_ratio=max(math.floor(low * 1e6) / 1e6, 1e-6))

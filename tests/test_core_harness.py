@@ -1,0 +1,68 @@
+"""`mmreduce bench`: spec parsing, budget fitting, the results schema and resuming from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmreduce.eval.harness import RESULT_FIELDS, BenchConfig, run_bench
+from mmreduce.eval.spec import fit_equivalent, parse_spec
+
+
+def test_spec_parsing():
+    spec = parse_spec("pdrop:layers=2+4+6,keep_ratio=0.5")
+    assert spec.name == "pdrop" and dict(spec.kwargs) == {"layers": (2, 4, 6), "keep_ratio": 0.5}
+    assert parse_spec("baseline").build() is None
+    assert parse_spec("random:seed=3,layer=1").build().seed == 3
+    for bad, message in [("fastv:ratio=1", "no field 'ratio'"), ("nope", "unknown method"),
+                         ("fastv:layer", "not key=value"), ("baseline:x=1", "no parameters"),
+                         ("fastv:keep_ratio=0.5,equivalent=0.3", "either keep_ratio or equivalent"),
+                         ("schedule:equivalent=0.3", "needs a method with a keep_ratio")]:
+        with pytest.raises(ValueError, match=message):
+            parse_spec(bad)
+
+
+def test_equivalent_budget_is_met_or_refused():
+    method = fit_equivalent("pdrop", {"layers": (1, 3, 5)}, 0.25, 8, 256)
+    assert sum(method.planned_counts(8, 256)) / 8 == pytest.approx(64, abs=0.5)
+    method = fit_equivalent("fastv", {"layer": 2}, 100, 32, 576)  # an absolute count
+    assert sum(method.planned_counts(32, 576)) / 32 == pytest.approx(100, abs=0.5)
+    with pytest.raises(ValueError, match="cannot reach .* its minimum is"):
+        fit_equivalent("fastv", {"layer": 2}, 0.2, 8, 256)  # layers 0-1 alone are 25%
+
+
+def _tiny_checkpoint(tmp_path):
+    from mmreduce.eval.tiny_models import build_tiny, save_tiny
+
+    model, processor = build_tiny("tiny-llava-shapes", seed=0)
+    return str(save_tiny(model, processor, tmp_path / "untrained"))
+
+
+def test_results_schema_and_resume(tmp_path):
+    checkpoint = _tiny_checkpoint(tmp_path)
+    config = BenchConfig(model=checkpoint, dataset="shapes", samples=6, batch_size=3, out=str(tmp_path / "run"),
+                         specs=["baseline", "fastv:layer=2,keep_ratio=0.25", "pdrop:layers=1+3+5,equivalent=0.05"],
+                         progress=False)
+    rows = run_bench(config, log=lambda message: None)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert [r["spec"] for r in results] == config.specs
+    for record in results:
+        assert set(RESULT_FIELDS) <= set(record)
+    baseline, fastv, skipped = results
+    assert baseline["flops_ratio"] == 1.0 and baseline["samples"] == 6
+    assert fastv["equivalent_vision_tokens"] == pytest.approx((2 * 256 + 6 * 64) / 8)
+    assert fastv["prefill_flops"] < baseline["prefill_flops"]
+    assert skipped["accuracy"] is None and "cannot reach" in skipped["note"]
+    assert (tmp_path / "run" / "results.md").read_text().count("\n| ") == 3  # one line per spec
+    assert (tmp_path / "run" / "accuracy_vs_flops.png").stat().st_size > 1000
+
+    # A second run with one batch of FastV missing from the cache recomputes only that batch.
+    cache_file = next((tmp_path / "run" / "cache").glob("fastv*.jsonl"))
+    lines = cache_file.read_text().splitlines()
+    cache_file.write_text(lines[0] + "\n")
+    logged = []
+    again = run_bench(config, log=logged.append)
+    assert any("resuming after 1 cached batch" in line for line in logged)
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    assert len(cache_file.read_text().splitlines()) == 2
