@@ -3,6 +3,9 @@
     rows = run_bench(BenchConfig(model="tiny-llava-shapes", dataset="shapes", specs=["baseline", "fastv"],
                                  samples=200, seed=0, out="runs/shapes"))
 
+Under `torchrun --nproc_per_node N` (or `accelerate launch`), the batches are sharded across the N processes
+(data parallel) and gathered on rank 0, which writes the results.
+
 For every spec, batches are evaluated with greedy `generate()` through `mmreduce.wrap`; each finished batch is
 appended to `OUT/cache/<spec>.jsonl`, so an interrupted run resumes where it stopped. `OUT/results.json`,
 `OUT/results.md` and `OUT/accuracy_vs_flops.png` are written at the end.
@@ -67,13 +70,44 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.device must be auto, cpu or cuda, got {self.device!r}")
 
 
-def _load(config: BenchConfig):
+@dataclass
+class _Shard:
+    """This process's share of the batches under `torchrun` / `accelerate launch` (data parallel)."""
+
+    rank: int = 0
+    world: int = 1
+    state: object = None
+
+    @classmethod
+    def detect(cls, device: str) -> "_Shard":
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=device == "cpu")
+        return cls(state.process_index, state.num_processes, state)
+
+    def gather(self, items: list) -> list:
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+
+def _resolve_device(config: BenchConfig) -> str:
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def _load(config: BenchConfig, device: str):
     from .tiny_models import load_tiny
 
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model, processor = load_tiny(config.model, dtype=dtype)
-    return model.to(device), processor, device
+    return model.to(device), processor
 
 
 def _samples(config: BenchConfig):
@@ -91,12 +125,13 @@ def _batch_inputs(processor, samples, device: str):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _cache_path(out: Path, config: BenchConfig, spec: MethodSpec) -> Path:
+def _cache_path(out: Path, config: BenchConfig, spec: MethodSpec, shard: "_Shard") -> Path:
     key = json.dumps([config.model, config.dataset, config.split, config.seed, config.samples, config.batch_size,
                       config.max_new_tokens, spec.text, config.benchmark_options], sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() else "_" for c in spec.text)[:40]
-    return out / "cache" / f"{safe}-{digest}.jsonl"
+    suffix = f".rank{shard.rank}of{shard.world}" if shard.world > 1 else ""
+    return out / "cache" / f"{safe}-{digest}{suffix}.jsonl"
 
 
 def _vision_tokens_per_image(model, processor, sample, device) -> int:
@@ -106,7 +141,7 @@ def _vision_tokens_per_image(model, processor, sample, device) -> int:
 
 
 def _evaluate_spec(model, processor, samples, spec: MethodSpec, method, config: BenchConfig, device: str,
-                   cache_file: Path, log: Callable[[str], None]) -> list[dict]:
+                   cache_file: Path, shard: _Shard, log: Callable[[str], None]) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .accuracy import normalize_answer
@@ -117,13 +152,13 @@ def _evaluate_spec(model, processor, samples, spec: MethodSpec, method, config: 
         if done:
             log(f"  {spec.text}: resuming after {len(done)} cached batch(es)")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, len(samples), config.batch_size))
+    starts = list(range(0, len(samples), config.batch_size))[shard.rank::shard.world]
     pad = processor.tokenizer.pad_token_id
     with open(cache_file, "a") as sink:
         for start in tqdm(starts[len(done):], desc=spec.text, disable=not config.progress, leave=False):
             batch = samples[start:start + config.batch_size]
             inputs = _batch_inputs(processor, batch, device)
-            if device == "cuda":
+            if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             target = mmreduce.wrap(model, method) if method is not None else mmreduce.wrap(model, "schedule",
                                                                                            keep=[1.0] * _depth(model))
@@ -150,7 +185,7 @@ def _evaluate_spec(model, processor, samples, spec: MethodSpec, method, config: 
                 "prefill_ms": stats.prefill_ms,
                 "decode_ms_per_token": stats.decode_ms_per_token,
                 "kv_cache_mb": kv_bytes / 2**20,
-                "peak_mem_mb": (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+                "peak_mem_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             }
             sink.write(json.dumps(record) + "\n")
@@ -188,6 +223,7 @@ def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") ->
         "peak_mem_mb": max(b["peak_mem_mb"] for b in batches),
         "kv_cache_mb": mean("kv_cache_mb"),
         "note": note,
+        "predictions": [a for b in batches for a in b["answers"]],
     }
 
 
@@ -196,12 +232,17 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     specs = [parse_spec(text) for text in config.specs]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, processor, device = _load(config)
+    device = _resolve_device(config)
+    shard = _Shard.detect(device)
+    if shard.rank != 0:
+        log = lambda message: None  # noqa: E731 - one process speaks
+    model, processor = _load(config, device)
     samples = _samples(config)
     depth = _depth(model)
     vision = _vision_tokens_per_image(model, processor, samples[0], device)
     log(f"{config.model} on {config.dataset}/{config.split}: {len(samples)} samples, {depth} layers, "
-        f"{vision} vision tokens per prompt, batch {config.batch_size}, {device}")
+        f"{vision} vision tokens per prompt, batch {config.batch_size}, {device}"
+        + (f", {shard.world} processes" if shard.world > 1 else ""))
     rows = []
     for spec in specs:
         try:
@@ -213,12 +254,16 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
             continue
         start = time.perf_counter()
         batches = _evaluate_spec(model, processor, samples, spec, method, config, device,
-                                 _cache_path(out, config, spec), log)
+                                 _cache_path(out, config, spec, shard), shard, log)
+        batches = sorted(shard.gather(batches), key=lambda batch: batch["start"])
         row = _summarise(spec, method, batches)
         rows.append(row)
         log(f"  {spec.text}: accuracy {row['accuracy']:.3f}, {row['equivalent_vision_tokens']:.1f} eq. tokens, "
             f"FLOPs {row['flops_ratio']:.0%} ({time.perf_counter() - start:.0f} s)")
-    meta = {"config": {k: v for k, v in asdict(config).items() if k != "progress"}, "device": device}
+    if shard.rank != 0:
+        return rows
+    meta = {"config": {k: v for k, v in asdict(config).items() if k != "progress"}, "device": device,
+            "processes": shard.world}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     (out / "results.md").write_text(results_markdown(rows) + "\n")
     plot_results(rows, out / "accuracy_vs_flops.png", title=f"{config.model} on {config.dataset}")

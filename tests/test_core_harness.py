@@ -66,3 +66,31 @@ def test_results_schema_and_resume(tmp_path):
     assert any("resuming after 1 cached batch" in line for line in logged)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
     assert len(cache_file.read_text().splitlines()) == 2
+
+
+def test_data_parallel_shards_give_the_same_results(tmp_path):
+    """Two processes (torchrun, gloo on CPU) evaluate half the batches each; rank 0 gathers identical results."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = _tiny_checkpoint(tmp_path)
+    specs = ["baseline", "pdrop:layers=1+3+5,keep_ratio=0.5"]
+    single = run_bench(BenchConfig(model=checkpoint, dataset="shapes", samples=8, batch_size=2, specs=specs,
+                                   out=str(tmp_path / "single"), progress=False), log=lambda message: None)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "-m", "mmreduce.cli", "bench", "--model", checkpoint,
+               "--dataset", "shapes", "--samples", "8", "--batch-size", "2", "--no-progress",
+               "--out", str(tmp_path / "sharded"), "--methods", *specs]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout
+    sharded = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    assert sharded["meta"]["processes"] == 2
+    for alone, parallel in zip(single, sharded["results"]):
+        assert parallel["samples"] == alone["samples"] == 8
+        assert parallel["accuracy"] == alone["accuracy"]
+        assert parallel["predictions"] == alone["predictions"]
+        assert parallel["equivalent_vision_tokens"] == pytest.approx(alone["equivalent_vision_tokens"])
+    caches = sorted(p.name for p in (tmp_path / "sharded" / "cache").iterdir())
+    assert any(".rank0of2" in name for name in caches) and any(".rank1of2" in name for name in caches)
