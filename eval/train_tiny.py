@@ -27,10 +27,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from ._extra_questions import extra_questions
+from ._grounding import GroundingProbe, target_positions
 from .accuracy import evaluate
 from .benchmarks import load_benchmark
 from .benchmarks.draw import COLORS, SHAPES, draw_shape
-from .tiny_models import TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, save_tiny
+from .tiny_models import TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, load_tiny, save_tiny
 
 __all__ = ["TrainConfig", "add_subparser", "main", "patch_labels", "train"]
 
@@ -51,11 +52,16 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     extra_questions: int = 4
+    grounding_layers: tuple[int, ...] = ()
+    grounding_weight: float = 1.0
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 100
     threads: int = 1  # one thread: on the shared 2 cores two threads stall on each other (measured 1.8x slower)
     max_minutes: float = 0.0
+    stop_at: int = 0
+    init_from: str = ""
+    data_offset: int = 0
     out: str = ""
 
     def __post_init__(self) -> None:
@@ -66,8 +72,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.warmup < 0 or self.eval_every < 0 or self.aux_weight < 0 or self.max_minutes < 0:
-            raise ValueError("warmup, eval_every, aux_weight and max_minutes must be >= 0")
+        for name in ("warmup", "eval_every", "aux_weight", "max_minutes", "stop_at", "data_offset", "extra_questions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.grounding_layers = tuple(int(i) for i in self.grounding_layers)
+        if any(i < 0 for i in self.grounding_layers) or self.grounding_weight < 0:
+            raise ValueError(f"grounding_layers must be >= 0 and grounding_weight >= 0, got "
+                             f"{self.grounding_layers!r}, {self.grounding_weight!r}")
         if not self.out:
             self.out = str(Path(__file__).resolve().parent / "checkpoints" / self.model)
 
@@ -178,17 +189,24 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("mmreduce.train_tiny")
     log.setLevel(logging.INFO)
-    log.handlers = [logging.FileHandler(out.parent / f"{out.name}.train.log", mode="w")]
+    # A second stage (init_from) appends to the first stage's log instead of replacing it.
+    log.handlers = [logging.FileHandler(out.parent / f"{out.name}.train.log", mode="a" if cfg.init_from else "w")]
     log.handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.info("config %s", json.dumps(asdict(cfg)))
 
     recipe = TINY_MODELS[cfg.model]
     model, processor = build_tiny(cfg.model, seed=cfg.seed)
+    if cfg.init_from:  # a second stage: same architecture, weights of an earlier run (fresh optimizer)
+        model = load_tiny(cfg.init_from)[0]
+        if type(model).__name__ != {"llava": "LlavaForConditionalGeneration",
+                                    "llava_next": "LlavaNextForConditionalGeneration"}[recipe.arch]:
+            raise ValueError(f"init_from={cfg.init_from!r} holds a {type(model).__name__}, not a {cfg.model}")
     n_classes = (1 + len(COLORS)) + (1 + len(SHAPES)) if recipe.benchmark == "shapes" else _DOC_CLASSES
     torch.manual_seed(cfg.seed + 1)
     head = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("f", o))
+    probe = GroundingProbe(model, cfg.grounding_layers) if cfg.grounding_layers else None
     params = list(model.parameters()) + list(head.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -204,11 +222,17 @@ def train(cfg: TrainConfig) -> dict:
     for step in bar:
         model.train()
         samples = load_benchmark(recipe.benchmark, "train", cfg.batch_size, seed=cfg.seed,
-                                 start=step * cfg.batch_size, **recipe.benchmark_options)
+                                 start=(cfg.data_offset + step) * cfg.batch_size, **recipe.benchmark_options)
         texts = [_dialogue(s, cfg, step) for s in samples]
         inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
-        logits = model(**inputs).logits  # (B, T, V)
         ids = inputs["input_ids"]
+        if probe is not None:
+            first_colon = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
+            probe.query, probe.key_valid = first_colon, inputs["attention_mask"]
+            image_id = model.config.image_token_id
+            probe.targets = [target_positions(s, (ids[b] == image_id).nonzero().squeeze(1), model.config)
+                             for b, s in enumerate(samples)]
+        logits = model(**inputs).logits  # (B, T, V)
         # Loss on every answer word and the </s> after it: predicted from the ":" after "ASSISTANT" and from
         # the answer word itself.
         colon = (ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)  # (B, T-1): "ASSISTANT" at t
@@ -221,7 +245,8 @@ def train(cfg: TrainConfig) -> dict:
         answer_loss = torch.nn.functional.cross_entropy(pred, targets)
         aux = _aux_loss(head, captured.pop("f"), _aux_targets(samples, recipe, inputs.get("image_sizes")),
                         recipe.benchmark)
-        loss = answer_loss + cfg.aux_weight * aux
+        grounding = probe.loss() if probe is not None else torch.zeros(())
+        loss = answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, cfg)
         optim.zero_grad(set_to_none=True)
@@ -230,11 +255,13 @@ def train(cfg: TrainConfig) -> dict:
         optim.step()
 
         first_acc = (pred.argmax(-1) == targets).float().mean().item()  # over all answer and </s> targets
-        bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux.item():.3f}", acc=f"{first_acc:.2f}")
-        log.info("step %d loss %.4f aux %.4f batch_acc %.3f lr %.2e elapsed %.0fs", step, answer_loss.item(),
-                 aux.item(), first_acc, _lr_at(step, cfg), time.time() - start)
+        bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux.item():.3f}", ground=f"{grounding.item():.3f}",
+                        acc=f"{first_acc:.2f}")
+        log.info("step %d loss %.4f aux %.4f batch_acc %.3f ground %.4f lr %.2e elapsed %.0fs", step,
+                 answer_loss.item(), aux.item(), first_acc, grounding.item(), _lr_at(step, cfg), time.time() - start)
         last = step == cfg.steps - 1
-        over_time = cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes
+        over_time = bool(cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes)
+        over_time |= bool(cfg.stop_at and step + 1 >= cfg.stop_at)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last or over_time:
             model.eval()
             acc, _ = evaluate(model, processor, calib, batch_size=25)
@@ -243,10 +270,15 @@ def train(cfg: TrainConfig) -> dict:
             tqdm.write(f"step {step + 1}: calibration accuracy {acc:.3f} ({time.time() - start:.0f}s)")
             save_tiny(model, processor, out)
         if over_time:
-            log.info("stopping at step %d: max_minutes=%s reached", step + 1, cfg.max_minutes)
+            log.info("stopping at step %d (max_minutes=%s, stop_at=%s)", step + 1, cfg.max_minutes, cfg.stop_at)
             break
     hook.remove()
+    if probe is not None:
+        probe.remove()
     summary = dict(config=asdict(cfg), wall_time_s=round(time.time() - start, 1), history=history)
+    previous = Path(cfg.init_from) / "train_config.json" if cfg.init_from else None
+    if previous is not None and previous.is_file():
+        summary["previous_stage"] = json.loads(previous.read_text())
     (out / "train_config.json").write_text(json.dumps(summary, indent=2))
     log.info("done in %.0fs", time.time() - start)
     return summary
@@ -263,12 +295,20 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--extra-questions", type=int, default=defaults.extra_questions,
                         help="extra question turns per training image")
+    parser.add_argument("--grounding-layers", default="", help="comma-separated decoder layers whose answer-position "
+                        "attention is trained onto the target objects' tokens (e.g. 2,3,4,5); empty = off")
+    parser.add_argument("--grounding-weight", type=float, default=defaults.grounding_weight)
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this long; 0 = never")
+    parser.add_argument("--stop-at", type=int, default=0, help="stop (and save) after this many steps; the LR "
+                        "schedule still follows --steps; 0 = run all steps")
+    parser.add_argument("--init-from", default="", help="start from the weights of this checkpoint directory")
+    parser.add_argument("--data-offset", type=int, default=0,
+                        help="skip this many batches of the train stream (a second stage sees new samples)")
     parser.add_argument("--out", default="", help="output directory (default: eval/checkpoints/<model>)")
     parser.set_defaults(func=_run)
     return parser
@@ -278,7 +318,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       aux_weight=args.aux_weight, extra_questions=args.extra_questions, seed=args.seed, eval_every=args.eval_every,
                       eval_samples=args.eval_samples, threads=args.threads, max_minutes=args.max_minutes,
-                      out=args.out)
+                      stop_at=args.stop_at, grounding_weight=args.grounding_weight,
+                      grounding_layers=tuple(int(i) for i in args.grounding_layers.split(",") if i.strip()), init_from=args.init_from, data_offset=args.data_offset, out=args.out)
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))
     return 0

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mmreduce.eval.train_tiny import TrainConfig, add_subparser, patch_labels, train
 
@@ -52,3 +53,23 @@ def test_one_step_run_saves_a_loadable_checkpoint_and_a_log(tmp_path, monkeypatc
 
     model, processor = load_tiny(out)
     assert model.config.model_type == "llava_next"
+
+
+def test_grounding_targets_are_the_image_tokens_under_the_boxes():
+    from mmreduce.eval._grounding import target_positions
+    from mmreduce.eval.benchmarks import Sample
+    from mmreduce.eval.tiny_models import build_tiny
+    from PIL import Image
+
+    # LLaVA-1.5, 128 px, 8 px patches: box x 17..23, y 9..15 lies in the single cell (row 1, col 2).
+    model, _ = build_tiny("tiny-llava-shapes")
+    sample = Sample(images=[Image.new("RGB", (128, 128))], question="q", answer="a", choices=("a",),
+                    meta=dict(target_boxes=[(17, 9, 23, 15)]))
+    vision = torch.arange(5, 5 + 256)  # image tokens after 5 text tokens
+    assert target_positions(sample, vision, model.config).tolist() == [5 + 1 * 16 + 2]
+    # LLaVA-NeXT, 128 px page, 64 px crops, 16 px patches: base map 4x4 of 32 px cells, then 8 rows of 8 + newline.
+    model, _ = build_tiny("tiny-llava-next-docs")
+    sample.meta["target_boxes"] = [(40, 70, 50, 80)]  # cells: base (2, 1); full map rows 4..5, cols 2..3
+    vision = torch.arange(3, 3 + 16 + 8 * 9)
+    expected = [2 * 4 + 1] + [16 + r * 9 + c for r in (4, 5) for c in (2, 3)]
+    assert target_positions(sample, vision, model.config).tolist() == [3 + i for i in expected]

@@ -1,0 +1,97 @@
+"""Attention grounding loss for training the tiny VLMs (training only).
+
+Real LLaVA models attend, from the last prompt token in the middle layers, to the image tokens that hold the
+answer; FastV and PyramidDrop rely on exactly that. A tiny model trained from scratch in minutes does not get
+there on its own, so training adds a loss: in the chosen decoder layers, the head-averaged attention of the
+answer-predicting position (the ":" after the first "ASSISTANT") should put its mass on the vision tokens under
+the objects the answer depends on (`Sample.meta["target_boxes"]`). Scores are recomputed from each layer's own
+input norm, q/k projections and RoPE, as the attention itself does (causal; padding keys masked).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+__all__ = ["GroundingProbe", "target_positions"]
+
+
+def _boxes_to_cells(boxes, cell: int, grid_h: int, grid_w: int) -> set[tuple[int, int]]:
+    cells = set()
+    for x0, y0, x1, y1 in boxes:
+        for r in range(max(0, y0 // cell), min(grid_h, y1 // cell + 1)):
+            for c in range(max(0, x0 // cell), min(grid_w, x1 // cell + 1)):
+                cells.add((r, c))
+    return cells
+
+
+def target_positions(sample, vision_positions: torch.Tensor, config) -> torch.Tensor:
+    """Sequence positions of the vision tokens under the sample's target boxes; (k,) long, maybe empty.
+
+    vision_positions: (n_vision,) positions of the image tokens of this sample, in order.
+    LLaVA-1.5: a row-major grid x grid map. LLaVA-NeXT (page equal to a pinpoint, no unpadding): the base image's
+    g x g map (the page resized to one crop), then the full-resolution map row by row, each row followed by
+    one newline token.
+    """
+    patch, side = config.vision_config.patch_size, config.vision_config.image_size
+    g = side // patch
+    boxes = sample.meta["target_boxes"]
+    if config.model_type == "llava":
+        index = [r * g + c for r, c in _boxes_to_cells(boxes, patch, g, g)]
+    else:
+        width, height = sample.image.size
+        rows, cols = height // patch, width // patch
+        base_cell = max(width, height) // g  # the base view shows the whole page in g x g cells
+        index = [r * g + c for r, c in _boxes_to_cells(boxes, base_cell, g, g)]
+        index += [g * g + r * (cols + 1) + c for r, c in _boxes_to_cells(boxes, patch, rows, cols)]
+        if g * g + rows * (cols + 1) != vision_positions.numel():
+            raise RuntimeError(f"unexpected vision token count {vision_positions.numel()} for a {width}x{height} page")
+    return vision_positions[sorted(index)] if index else vision_positions[:0]
+
+
+class GroundingProbe:
+    """Forward pre-hooks on `layers` that compute the grounding loss of one forward pass.
+
+    Set `query` ((B,) positions) and `targets` (list of (k_b,) position tensors) before the forward; read
+    `loss()` after it. Samples with no targets are skipped.
+    """
+
+    def __init__(self, model, layers: tuple[int, ...]):
+        decoder = model.model.language_model.layers
+        self.query: torch.Tensor | None = None
+        self.key_valid: torch.Tensor | None = None  # (B, T) attention_mask of the inputs
+        self.targets: list[torch.Tensor] = []
+        self._losses: list[torch.Tensor] = []
+        self._handles = [decoder[i].register_forward_pre_hook(self._hook, with_kwargs=True) for i in layers]
+
+    def _hook(self, layer, args, kwargs):
+        if self.query is None:
+            return None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, D)
+        attn = layer.self_attn
+        batch, length, _ = hidden.shape
+        cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])  # (1 or B, T, hd) -> (B, T, hd)
+        x = layer.input_layernorm(hidden)
+        rows = torch.arange(batch)
+        q = attn.q_proj(x[rows, self.query]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, _ = apply_rotary_pos_emb(q, q, cos[rows, self.query][:, None], sin[rows, self.query][:, None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k = repeat_kv(k, attn.num_key_value_groups)  # (B, H, T, hd)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, T)
+        allowed = (torch.arange(length)[None] <= self.query[:, None]) & self.key_valid.bool()  # (B, T)
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # (B, T) head mean
+        for b, positions in enumerate(self.targets):
+            if positions.numel():
+                self._losses.append(-torch.log(probs[b, positions].sum().clamp_min(1e-6)))
+        return None
+
+    def loss(self) -> torch.Tensor:
+        """Mean over (sample, layer) of -log(attention mass on the targets); 0 if nothing was measured."""
+        losses, self._losses = self._losses, []
+        self.query = None  # the hooks stay silent until the next training batch sets it again
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
