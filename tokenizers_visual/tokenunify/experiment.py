@@ -214,4 +214,23 @@ def eval_cli(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+        if args.what == "rollout":
+            plot_rollout(result, Path(args.json).with_suffix(".png"))
+
+
+def plot_rollout(result: dict[str, list[float]], path: Path) -> None:
+    """Roll-out MSE against step (log-log), one line per model: the figure of the README."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, errs in result.items():
+        ax.plot(range(1, len(errs) + 1), errs, label=name, linestyle="--" if name.startswith("baseline") else "-")
+    ax.set(xscale="log", yscale="log", xlabel="roll-out step", ylabel="token MSE", title="TokenUnify roll-out error")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
