@@ -57,6 +57,10 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         return self.text_model.layers
 
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) output of the last decoder layer -> (..., V) logits (final norm, then the LM head)."""
+        return self.model.get_output_embeddings()(self.text_model.norm(hidden))
+
     def vision_mask(
         self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ __all__ = ["build_parser", "main"]
 _SUBCOMMAND_MODULES = (
     "mmreduce.eval.latency",
     "mmreduce.eval.cli",
+    "mmreduce.eval.tune",
     "mmreduce.eval.train_tiny",
     "mmreduce.tokenizers_visual.cli",
     "mmreduce.demo.cli",

@@ -184,9 +184,6 @@ class Reducer:
         if pending is None or pending[0] is None:
             stats.note = "vision tokens unknown (no input_ids or inputs_embeds reached the multimodal module)"
             return
-        if not self.stages:
-            stats.note = "the method drops nothing"
-            return
         if not bool(initial.any()):
             stats.note = "no image tokens in the prompt: ran unreduced"
             return
@@ -326,7 +323,7 @@ class Reducer:
             return None
         stats = self.stats
         stats.reduced = bool(run.groups)
-        stats.note = "" if stats.reduced else "nothing dropped"
+        stats.note = "" if stats.reduced else ("the method drops nothing" if not self.stages else "nothing dropped")
         counts = torch.stack(run.counts, dim=1)  # (B, L)
         stats.vision_tokens_per_layer = counts.tolist()
         stats.kept_positions = run.kept_positions
