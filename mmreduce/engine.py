@@ -160,7 +160,9 @@ class Reducer:
         attention_mask = kwargs.get("attention_mask")
         past = cache.get_seq_length(0) if cache is not None else 0
         self._t0 = self._now(reference)
-        self._phase = "decode" if past > 0 else "prefill"
+        # A cache-free generate() recomputes the whole sequence each step: reduce it again, but count it as decode.
+        recompute = past == 0 and self.prompt_length is not None and length > self.prompt_length
+        self._phase = "decode" if past > 0 or recompute else "prefill"
         if past > 0:
             record = self._records.get(cache)
             if record is not None:
@@ -173,7 +175,8 @@ class Reducer:
             vision = None  # the text model was called with other inputs than the multimodal module saw
         stats = ReductionStats(method=self.method.describe(), num_layers=self.num_layers, dims=self._dims)
         stats.vision_ms, self._vision_s = self._vision_s * 1e3, 0.0
-        self.stats = stats
+        if not recompute:
+            self.stats = stats
         input_mask = _as_2d_mask(attention_mask, batch, length, reference.device)
         vision = (vision if vision is not None else torch.zeros(batch, length, dtype=torch.bool)).to(reference.device)
         vision = vision & input_mask
@@ -317,17 +320,17 @@ class Reducer:
         if self._phase == "decode":
             self.stats.decode_ms += elapsed_ms
             self.stats.decode_steps += 1
-            return None
-        self.stats.prefill_ms = elapsed_ms
+        else:
+            self.stats.prefill_ms = elapsed_ms
         if not isinstance(run, _PrefillRun):
             return None
-        stats = self.stats
-        stats.reduced = bool(run.groups)
-        stats.note = "" if stats.reduced else ("the method drops nothing" if not self.stages else "nothing dropped")
-        counts = torch.stack(run.counts, dim=1)  # (B, L)
-        stats.vision_tokens_per_layer = counts.tolist()
-        stats.kept_positions = run.kept_positions
-        stats.selection_ms = run.selection_s * 1e3
+        if self._phase == "prefill":
+            stats = self.stats
+            stats.reduced = bool(run.groups)
+            stats.note = "" if stats.reduced else ("the method drops nothing" if not self.stages else "nothing dropped")
+            stats.vision_tokens_per_layer = torch.stack(run.counts, dim=1).tolist()  # (B, L)
+            stats.kept_positions = run.kept_positions
+            stats.selection_ms = run.selection_s * 1e3
         if run.cache is not None and run.groups:
             self._records[run.cache] = _CacheRecord(run.length, run.groups)
         if not run.groups:

@@ -205,3 +205,12 @@ def test_selection_is_deterministic_and_sorted():
             assert kept == sorted(kept) and len(set(kept)) == len(kept)
     counts = [len(runs[0][2][row]) for row in range(3)]
     assert counts == [35, 28, 44]  # ⌈0.5·n⌉ of 70, 56, 88 vision tokens (anyres crops + newlines)
+
+
+def test_cache_free_generate_keeps_the_prefill_stats_and_counts_decode_steps():
+    model, batch = build("llava", "sdpa")
+    with torch.no_grad(), mmreduce.wrap(model, "fastv", layer=2, keep_ratio=0.25) as reduced:
+        reduced.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+        stats = reduced.stats
+    assert stats.reduced and stats.vision_tokens_per_layer == [[64, 64, 16, 16, 16, 16]] * 3
+    assert stats.decode_steps == 3 and stats.prefill_ms > 0
