@@ -74,7 +74,8 @@ def _load_pixels(args: argparse.Namespace, size: int):
         raise SystemExit("give image files or --generate N")
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) / 255 for p in args.images]
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) / 255
+              for p in args.images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [str(p) for p in args.images]
 
 
@@ -102,7 +103,8 @@ def _decode(args: argparse.Namespace) -> None:
         raise SystemExit(f"--ids must be comma-separated integers: {err}") from err
     emb = tok.decode(ids)
     gen = tok.generation_embedding(ids)
-    payload = {"causal_embeddings_shape": list(emb.shape), "generation_embedding": [round(v, 4) for v in gen[0].tolist()]}
+    payload = {"causal_embeddings_shape": list(emb.shape),
+               "generation_embedding": [round(v, 4) for v in gen[0].tolist()]}
     if args.out:
         torch.save({"causal": emb, "generation": gen}, args.out)
         payload["saved"] = args.out
@@ -115,7 +117,8 @@ def _eval_seed(args: argparse.Namespace) -> None:
 
     _threads(args.threads)
     ckpt = _resolve_checkpoint(args.checkpoint)
-    _write_json(args.json, {"checkpoint": str(ckpt), **evaluate_seed(SeedTokenizer.load(ckpt), n=args.n, seed=args.data_seed)})
+    metrics = evaluate_seed(SeedTokenizer.load(ckpt), n=args.n, seed=args.data_seed)
+    _write_json(args.json, {"checkpoint": str(ckpt), **metrics})
 
 
 # ----- TokenUnify -----

@@ -64,7 +64,8 @@ def test_selective_scan_matches_scalar_loop():
     b, length, di, n = 1, 4, 2, 3
     x, dt = torch.randn(b, length, di, generator=g), torch.rand(b, length, di, generator=g)
     a = -torch.rand(di, n, generator=g) - 0.1
-    bb, cc, d = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g), torch.randn(di, generator=g)
+    bb, cc = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g)
+    d = torch.randn(di, generator=g)
     y = selective_scan(x, dt, a, bb, cc, d)
     for i in range(di):
         h = [0.0] * n

@@ -36,7 +36,8 @@ def seed_table() -> str:
         vals = []
         for _, r in rows:
             v = r[key]
-            vals.append(f"{100 * v:.1f}%" if key.startswith(("clip", "cont", "quant")) or key == "usage" else f"{v:.3f}")
+            percent = key.startswith(("clip", "cont", "quant")) or key == "usage"
+            vals.append(f"{100 * v:.1f}%" if percent else f"{v:.3f}")
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

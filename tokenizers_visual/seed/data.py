@@ -113,7 +113,8 @@ def make_pairs(n: int, seed: int, size: int = 32) -> tuple[Tensor, list[str]]:
         draw_shape(images[i], a, size / 32.0)
         draw_shape(images[i], b, size / 32.0)
         captions.append(f"{a.phrase()} {_relation(a, b)} {b.phrase()}")
-    pixels = torch.from_numpy(np.clip(images, 0.0, 1.0)).permute(0, 3, 1, 2).contiguous()  # (n, H, W, 3) -> (n, 3, H, W)
+    # (n, H, W, 3) -> (n, 3, H, W)
+    pixels = torch.from_numpy(np.clip(images, 0.0, 1.0)).permute(0, 3, 1, 2).contiguous()
     return pixels, captions
 
 

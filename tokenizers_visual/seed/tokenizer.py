@@ -90,6 +90,7 @@ class SeedTokenizer(nn.Module):
             raise FileNotFoundError(f"{folder} must contain config.json and model.safetensors")
         config = SeedConfig.from_dict(json.loads((folder / "config.json").read_text()))
         model = SeedModel(config)
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(folder / "model.safetensors")).items()}
+        stored = load_file(str(folder / "model.safetensors"))
+        state = {k: (v.float() if v.is_floating_point() else v) for k, v in stored.items()}
         model.load_state_dict(state)
         return cls(model)

@@ -2,7 +2,8 @@
 
 The official pipeline agglomerates with waterz at threshold 0.5; here a seeded watershed stands in: the
 boundary strength of a voxel is 1 minus its weakest incident affinity edge, seeds are the connected interior
-voxels (boundary < 0.5), and the watershed floods the boundary map from them. Both metrics are lower-is-better; VOI is in bits (scikit-image uses log base 2).
+voxels (boundary < 0.5), and the watershed floods the boundary map from them. Both metrics are
+lower-is-better; VOI is in bits (scikit-image uses log base 2).
 """
 
 from __future__ import annotations
