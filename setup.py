@@ -23,6 +23,10 @@ for package, folder in PACKAGE_ROOTS.items():
 setup(
     packages=packages,
     package_dir=PACKAGE_ROOTS,
-    package_data={"mmreduce.eval": ["checkpoints/**/*", "assets/**/*"], "mmreduce.demo": ["assets/**/*"]},
+    package_data={
+        "mmreduce.eval": ["checkpoints/**/*", "assets/**/*", "lmms_tasks/**/*"],
+        "mmreduce.tokenizers_visual": ["checkpoints/**/*"],
+        "mmreduce.demo": ["assets/**/*"],
+    },
     include_package_data=True,
 )
