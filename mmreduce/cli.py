@@ -17,6 +17,7 @@ _SUBCOMMAND_MODULES = (
     "mmreduce.eval.cli",
     "mmreduce.eval.tune",
     "mmreduce.eval.train_tiny",
+    "mmreduce.eval.seed_vlm",
     "mmreduce.tokenizers_visual.cli",
     "mmreduce.demo.cli",
 )
