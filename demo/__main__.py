@@ -1,0 +1,7 @@
+"""`python -m mmreduce.demo [--port N] [--model PATH] [--host ADDR]`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""The methods a user picked in the UI -> validated method objects for one model, with short labels.
+
+Every error names the method and the parameter, and is raised before any model runs, so a bad value never
+costs a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mmreduce
+from mmreduce.eval.spec import parse_spec
+
+from .inputs import DemoInputError
+
+__all__ = ["UI_METHODS", "MethodChoice", "build_methods", "parse_layers", "planned_counts"]
+
+#: The methods with their own controls in the UI (anything else goes through the free-form spec box).
+UI_METHODS = ("fastv", "pdrop", "random", "schedule")
+MAX_METHODS = 6  # each method costs warm-up + timed runs; more would make the UI wait too long on a CPU
+
+
+@dataclass
+class MethodChoice:
+    """One column of the comparison: `method` is None for the baseline."""
+
+    label: str
+    method: mmreduce.ReductionMethod | None
+    planned: list[int] | None = None  # vision tokens entering each layer, as the method plans them
+
+
+def _whole(value: Any, what: str, minimum: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{what} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or not number.is_integer():
+        raise DemoInputError(f"{what} must be a whole number, got {value!r}")
+    if number < minimum:
+        raise DemoInputError(f"{what} must be >= {minimum}, got {int(number)}")
+    return int(number)
+
+
+def _ratio(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{what} must be a number in (0, 1], got {value!r}") from None
+    if not (0 < number <= 1):
+        raise DemoInputError(f"{what} must be in (0, 1], got {value!r}")
+    return number
+
+
+def parse_layers(text: str | None, what: str = "pdrop layers") -> tuple[int, ...] | None:
+    """"2, 4, 6" (commas, spaces or '+') -> (2, 4, 6); empty -> None (the method's default)."""
+    parts = [p for p in (text or "").replace("+", ",").replace(" ", ",").split(",") if p.strip()]
+    if not parts:
+        return None
+    return tuple(_whole(p.strip(), what, 1) for p in parts)
+
+
+def planned_counts(method: mmreduce.ReductionMethod | None, num_layers: int, vision_tokens: int) -> list[int]:
+    """Vision tokens per layer the method plans for an input with `vision_tokens` (all layers full for None)."""
+    if method is None:
+        return [vision_tokens] * num_layers
+    return method.planned_counts(num_layers, vision_tokens)
+
+
+def _schedule(path: str | os.PathLike | None) -> mmreduce.Schedule:
+    if path is None or str(path).strip() == "":
+        raise DemoInputError("schedule is selected but no schedule file was uploaded (a JSON from `mmreduce tune`)")
+    try:
+        return mmreduce.Schedule(path=str(path))
+    except ValueError as error:
+        raise DemoInputError(f"schedule file {Path(path).name!r}: {error}") from None
+
+
+def build_methods(
+    selected: list[str] | None,
+    *,
+    num_layers: int,
+    vision_tokens: int,
+    fastv_layer: Any = 2,
+    fastv_keep: Any = 0.5,
+    pdrop_layers: str | None = "",
+    pdrop_keep: Any = 0.5,
+    random_layer: Any = 2,
+    random_keep: Any = 0.5,
+    random_seed: Any = 0,
+    schedule_file: str | os.PathLike | None = None,
+    extra_specs: str | None = "",
+) -> list[MethodChoice]:
+    """Baseline first, then each selected method and each extra SPEC line (`mmreduce bench` syntax).
+
+    Raises DemoInputError naming the method and parameter for anything out of range for this model.
+    """
+    selected = list(selected or [])
+    unknown = [name for name in selected if name not in UI_METHODS]
+    if unknown:
+        raise DemoInputError(f"unknown method(s) {unknown}; choose from {list(UI_METHODS)}")
+    wanted: list[tuple[str, Any]] = []  # (label, factory); factories run in `_checked` so errors get the label
+    if "fastv" in selected:
+        layer, keep = _whole(fastv_layer, "fastv layer", 1), _ratio(fastv_keep, "fastv keep ratio")
+        wanted.append((f"fastv (layer {layer}, keep {keep:g})",
+                       lambda layer=layer, keep=keep: mmreduce.FastV(layer=layer, keep_ratio=keep)))
+    if "pdrop" in selected:
+        layers, keep = parse_layers(pdrop_layers), _ratio(pdrop_keep, "pdrop keep ratio")
+        where = "+".join(map(str, layers)) if layers else "default"
+        wanted.append((f"pdrop (layers {where}, keep {keep:g})",
+                       lambda layers=layers, keep=keep: mmreduce.PyramidDrop(layers=layers, keep_ratio=keep)))
+    if "random" in selected:
+        layer, keep = _whole(random_layer, "random layer", 1), _ratio(random_keep, "random keep ratio")
+        seed = _whole(random_seed, "random seed", 0)
+        wanted.append((f"random (layer {layer}, keep {keep:g}, seed {seed})",
+                       lambda layer=layer, keep=keep, seed=seed: mmreduce.Random(layer=layer, keep_ratio=keep,
+                                                                                 seed=seed)))
+    if "schedule" in selected:
+        schedule = _schedule(schedule_file)
+        wanted.append((f"schedule ({Path(str(schedule_file)).name})", lambda schedule=schedule: schedule))
+    for line in (extra_specs or "").splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            spec = parse_spec(text)
+        except (ValueError, TypeError) as error:
+            raise DemoInputError(f"method spec {text!r}: {error}") from None
+        if not spec.is_baseline:
+            wanted.append((text, lambda spec=spec: spec.build(num_layers, vision_tokens)))
+    if len(wanted) > MAX_METHODS:
+        raise DemoInputError(f"{len(wanted)} methods selected; the limit is {MAX_METHODS} per comparison")
+    choices = [MethodChoice("baseline", None, planned_counts(None, num_layers, vision_tokens))]
+    for label, make in wanted:
+        try:
+            method = make()
+            planned = planned_counts(method, num_layers, vision_tokens)
+            method.check_inputs(_as_tensor(vision_tokens))
+        except (ValueError, TypeError) as error:  # the method's own checks: field values, layers vs model depth
+            raise DemoInputError(f"{label}: {error}") from None
+        choices.append(MethodChoice(label, method, planned))
+    return choices
+
+
+def _as_tensor(vision_tokens: int):
+    import torch
+
+    return torch.tensor([vision_tokens])
