@@ -53,6 +53,7 @@ class TrainConfig:
     aux_weight: float = 1.0
     extra_questions: int = 4
     grounding_layers: tuple[int, ...] = ()
+    qtypes: tuple[str, ...] = ()
     grounding_weight: float = 1.0
     seed: int = 0
     eval_every: int = 200
@@ -214,7 +215,9 @@ def train(cfg: TrainConfig) -> dict:
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     assistant_id = processor.tokenizer.convert_tokens_to_ids("ASSISTANT")
     colon_id = processor.tokenizer.convert_tokens_to_ids(":")
-    calib = load_benchmark(recipe.benchmark, "calibration", cfg.eval_samples, seed=cfg.seed, **recipe.benchmark_options)
+    # An optional question-type subset (a curriculum stage) applies to training and calibration alike.
+    options = {**recipe.benchmark_options, **({"qtypes": tuple(cfg.qtypes)} if cfg.qtypes else {})}
+    calib = load_benchmark(recipe.benchmark, "calibration", cfg.eval_samples, seed=cfg.seed, **options)
 
     start = time.time()
     history = []
@@ -222,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     for step in bar:
         model.train()
         samples = load_benchmark(recipe.benchmark, "train", cfg.batch_size, seed=cfg.seed,
-                                 start=(cfg.data_offset + step) * cfg.batch_size, **recipe.benchmark_options)
+                                 start=(cfg.data_offset + step) * cfg.batch_size, **options)
         texts = [_dialogue(s, cfg, step) for s in samples]
         inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
         ids = inputs["input_ids"]
@@ -297,6 +300,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         help="extra question turns per training image")
     parser.add_argument("--grounding-layers", default="", help="comma-separated decoder layers whose answer-position "
                         "attention is trained onto the target objects' tokens (e.g. 2,3,4,5); empty = off")
+    parser.add_argument("--qtypes", default="", help="comma-separated question types to train on (default: all)")
     parser.add_argument("--grounding-weight", type=float, default=defaults.grounding_weight)
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -319,6 +323,7 @@ def _run(args: argparse.Namespace) -> int:
                       aux_weight=args.aux_weight, extra_questions=args.extra_questions, seed=args.seed, eval_every=args.eval_every,
                       eval_samples=args.eval_samples, threads=args.threads, max_minutes=args.max_minutes,
                       stop_at=args.stop_at, grounding_weight=args.grounding_weight,
+                      qtypes=tuple(q for q in args.qtypes.split(",") if q.strip()),
                       grounding_layers=tuple(int(i) for i in args.grounding_layers.split(",") if i.strip()), init_from=args.init_from, data_offset=args.data_offset, out=args.out)
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))
