@@ -1,0 +1,230 @@
+"""The demo's functions called directly: input checks, method building, token layout, overlays, a comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from PIL import Image  # noqa: E402
+
+from mmreduce.demo import inputs  # noqa: E402
+from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedule, run_demo  # noqa: E402
+from mmreduce.demo.compare import prepare_inputs, vision_positions  # noqa: E402
+from mmreduce.demo.inputs import DemoInputError  # noqa: E402
+from mmreduce.demo.methods import build_methods, parse_layers  # noqa: E402
+from mmreduce.demo.overlay import NEWLINE, TokenCell, draw_kept_tokens, token_layout  # noqa: E402
+from mmreduce.demo.summary import cards_html  # noqa: E402
+
+SHAPES, DOCS = "tiny-llava-shapes", "tiny-llava-next-docs"
+QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ModelStore()
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+
+def test_non_image_upload_names_the_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not pixels")
+    with pytest.raises(DemoInputError, match="'notes.txt' is not an image"):
+        inputs.load_media(path)
+
+
+def test_image_over_the_side_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("L", (inputs.MAX_IMAGE_SIDE + 1, 1)).save(path)
+    with pytest.raises(DemoInputError, match=f"{inputs.MAX_IMAGE_SIDE + 1}x1 px; the limit is 4096"):
+        inputs.load_image(path)
+
+
+def test_image_over_the_byte_limit_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(inputs, "MAX_IMAGE_BYTES", 10)
+    with pytest.raises(DemoInputError, match="the limit is"):
+        inputs.load_image(path)
+
+
+def test_missing_image_and_empty_question(store):
+    with pytest.raises(DemoInputError, match="no image given"):
+        run_demo(store, SHAPES, None, "what color is the square ?", ["fastv"])
+    with pytest.raises(DemoInputError, match="question is empty"):
+        run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "   ", ["fastv"])
+
+
+def test_video_gives_evenly_spaced_frames():
+    frames, kind = inputs.load_media(EXAMPLES_DIR / "video-0.mp4")
+    assert kind == "video" and len(frames) == inputs.VIDEO_FRAMES
+    assert all(frame.mode == "RGB" and frame.size == (96, 96) for frame in frames)
+    assert frames[0].tobytes() != frames[-1].tobytes()  # a moving shape: the sampled frames differ
+
+
+def test_video_over_the_duration_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "MAX_VIDEO_SECONDS", 1.0)  # the example lasts 3 s
+    with pytest.raises(DemoInputError, match="lasts 3 s; the limit is 1 s"):
+        inputs.load_video_frames(EXAMPLES_DIR / "video-0.mp4")
+
+
+def test_examples_exist_and_name_served_models(store):
+    rows = examples(store)
+    assert len(rows) >= 5
+    for file, question, model in rows:
+        assert os.path.isfile(file) and question.endswith("?") and model in store.names
+
+
+# ---- methods ------------------------------------------------------------------------------------------------
+
+def test_methods_plan_independent_counts():
+    choices = build_methods(["fastv", "pdrop"], num_layers=8, vision_tokens=256, fastv_layer=3, fastv_keep=0.25,
+                            pdrop_layers="2, 5", pdrop_keep=0.5)
+    assert [c.label for c in choices][0] == "baseline" and choices[0].method is None
+    assert choices[1].planned == [256] * 3 + [64] * 5  # ceil(0.25 * 256) from layer 3 on
+    assert choices[2].planned == [256, 256, 128, 128, 128, 64, 64, 64]
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(fastv_keep=1.5), "fastv keep ratio must be in \\(0, 1\\]"),
+    (dict(fastv_keep=0), "fastv keep ratio must be in \\(0, 1\\]"),
+    (dict(fastv_layer=8), "out of range for a model with 8 decoder layers"),
+    (dict(fastv_layer=2.5), "fastv layer must be a whole number"),
+])
+def test_fastv_parameter_out_of_range(params, message):
+    with pytest.raises(DemoInputError, match=message):
+        build_methods(["fastv"], num_layers=8, vision_tokens=256, **params)
+
+
+def test_other_bad_method_inputs(tmp_path):
+    with pytest.raises(DemoInputError, match="strictly increasing"):
+        build_methods(["pdrop"], num_layers=8, vision_tokens=256, pdrop_layers="4,2")
+    with pytest.raises(DemoInputError, match="random seed must be >= 0"):
+        build_methods(["random"], num_layers=8, vision_tokens=256, random_seed=-1)
+    with pytest.raises(DemoInputError, match="no schedule file"):
+        build_methods(["schedule"], num_layers=8, vision_tokens=256)
+    with pytest.raises(DemoInputError, match="unknown method"):
+        build_methods(["tome"], num_layers=8, vision_tokens=256)
+    with pytest.raises(DemoInputError, match="method spec 'fastv:lyr=2'"):
+        build_methods([], num_layers=8, vision_tokens=256, extra_specs="fastv:lyr=2")
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"keep": [1.0, 0.5, 0.25]}))
+    with pytest.raises(DemoInputError, match="3 entries but the model has 8"):
+        build_methods(["schedule"], num_layers=8, vision_tokens=256, schedule_file=str(short))
+    assert parse_layers(" 2 + 4,6") == (2, 4, 6) and parse_layers("") is None
+
+
+def test_schedule_file_and_extra_spec(tmp_path):
+    path = tmp_path / "gsearch.json"
+    keep = [256, 256, 200, 100, 100, 50, 50, 10]
+    path.write_text(json.dumps({"keep": keep, "unit": "count"}))
+    choices = build_methods(["schedule"], num_layers=8, vision_tokens=256, schedule_file=str(path),
+                            extra_specs="# comment\nfastv:layer=2,equivalent=0.5\n")
+    assert choices[1].label == "schedule (gsearch.json)" and choices[1].planned == keep
+    assert choices[2].label == "fastv:layer=2,equivalent=0.5"
+    assert sum(choices[2].planned) / 8 <= 128  # the fitted keep ratio meets the budget
+    with pytest.raises(DemoInputError, match="made for 256 vision tokens"):
+        build_methods(["schedule"], num_layers=8, vision_tokens=1024, schedule_file=str(path))
+
+
+# ---- token layout and overlays ------------------------------------------------------------------------------
+
+def test_llava_layout_is_row_major_patches(store):
+    model, processor = store.get(SHAPES)
+    batch = prepare_inputs(processor, [Image.new("RGB", (128, 128))], "what color is the square ?")
+    cells, grids = token_layout(model.config, batch)
+    assert len(cells) == len(vision_positions(model, batch)) == 256
+    assert cells[17] == TokenCell(0, 0, 1, 1) and cells[255] == TokenCell(0, 0, 15, 15)
+
+
+def test_llava_next_layout_of_a_wide_page(store):
+    model, processor = store.get(DOCS)
+    batch = prepare_inputs(processor, [Image.new("RGB", (192, 128))], "what digit is in the cyan box ?")
+    cells, _ = token_layout(model.config, batch)
+    # 128x192 pinpoint: 2 x 3 crops of 4x4 patches -> 8 feature rows of 12 patches + 1 newline each, after 16 base.
+    assert len(cells) == len(vision_positions(model, batch)) == 16 + 8 * 13
+    assert cells[15] == TokenCell(0, 0, 3, 3)
+    assert cells[16] == TokenCell(0, 1, 0, 0) and cells[16 + 4] == TokenCell(0, 2, 0, 0)
+    assert cells[16 + 12].panel == NEWLINE and cells[16 + 13] == TokenCell(0, 1, 1, 0)
+    assert cells[16 + 4 * 13] == TokenCell(0, 4, 0, 0)  # feature row 4 starts the second row of crops
+
+
+def test_llava_next_layout_skips_padding_rows(store):
+    model, processor = store.get(DOCS)
+    # 128 wide x 96 high on the 128x128 pinpoint: 8x8 feature map, unpadded to 6 rows (1 padding row each side).
+    batch = prepare_inputs(processor, [Image.new("RGB", (128, 96))], "what digit is in the cyan box ?")
+    cells, _ = token_layout(model.config, batch)
+    assert len(cells) == len(vision_positions(model, batch)) == 16 + 6 * 9
+    assert cells[16] == TokenCell(0, 1, 1, 0)
+    assert cells[-1].panel == NEWLINE and cells[-2] == TokenCell(0, 4, 2, 3)
+
+
+def test_overlay_darkens_exactly_the_dropped_patches(store):
+    model, processor = store.get(SHAPES)
+    batch = prepare_inputs(processor, [Image.new("RGB", (128, 128), (255, 255, 255))], "what color is the square ?")
+    positions = vision_positions(model, batch)
+    kept = positions[::2]  # every other patch (column parity)
+    [(picture, caption)] = draw_kept_tokens(model.config, processor, batch, positions, {3: kept}, "test")
+    assert caption == "test: layer 3 keeps 128/256 vision tokens"
+    step = picture.width // 16
+    centre = lambda r, c: picture.getpixel((c * step + step // 2, r * step + step // 2))  # noqa: E731
+    assert min(centre(5, 4)) > 200 and max(centre(5, 5)) < 100
+
+
+# ---- the whole comparison -----------------------------------------------------------------------------------
+
+def test_run_demo_on_shapes(store):
+    comparison = run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "what color is the square ?",
+                          ["fastv", "pdrop"], fastv_layer=2, fastv_keep=0.25, pdrop_layers="2,4,6", **QUICK)
+    baseline, fastv, pdrop = comparison.results
+    assert baseline.vision_tokens_per_layer == [256] * 8 and baseline.flops_ratio == 1.0
+    assert fastv.vision_tokens_per_layer == [256, 256] + [64] * 6 == fastv.planned
+    assert pdrop.vision_tokens_per_layer == [256, 256, 128, 128, 64, 64, 32, 32]
+    # fastv keeps 896 token-layers, pdrop 960, the baseline 2048: FLOPs must follow that order
+    assert 0 < fastv.flops_ratio < pdrop.flops_ratio < 1
+    assert all(r.answer and r.prefill_ms > 0 and r.total_ms >= r.prefill_ms for r in comparison.results)
+    assert [len(k) for k in pdrop.kept_positions.values()] == [128, 64, 32]
+    assert len(comparison.overlays) == 1 + 3  # one picture per drop stage
+    json.dumps(comparison.to_dict())  # the API output is plain JSON
+    assert len(comparison.figures()) == 3
+    html = cards_html(comparison.results, "q <b>")
+    assert html.count("class='mmr-card ") == 3 and "q &lt;b&gt;" in html
+
+
+def test_run_demo_on_crops_and_video(store):
+    docs = run_demo(store, DOCS, EXAMPLES_DIR / "docs-wide-2.png", "what digit is in the yellow box ?",
+                    ["fastv"], **QUICK)
+    assert docs.results[0].vision_tokens_per_layer[0] == 120
+    picture, _ = docs.overlays[0]
+    assert picture.width > 3 * picture.height / 2  # base image + 3 crops side by side
+    video = run_demo(store, SHAPES, EXAMPLES_DIR / "video-0.mp4", "which way does the blue cross move ?",
+                     ["random"], **QUICK)
+    assert video.kind == "video" and video.results[0].vision_tokens_per_layer[0] == 4 * 256
+
+
+def test_unknown_model_and_bad_settings(store, tmp_path):
+    with pytest.raises(DemoInputError, match="unknown model '/etc'"):
+        run_demo(store, "/etc", EXAMPLES_DIR / "shapes-0.png", "what color is the square ?", [])
+    with pytest.raises(DemoInputError, match="repeats must be a whole number in \\[1, 5\\]"):
+        run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "what color is the square ?", [], repeats=0)
+    with pytest.raises(ValueError, match="no tiny checkpoint"):
+        ModelStore(default=str(tmp_path / "missing"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(DemoInputError, match="not valid JSON"):
+        preview_schedule(store, SHAPES, str(bad))
+
+
+def test_cli_parses_demo_defaults():
+    from mmreduce.cli import build_parser
+    from mmreduce.demo.cli import run
+
+    args = build_parser().parse_args(["demo"])
+    assert (args.port, args.host, args.model, args.func) == (7860, "127.0.0.1", None, run)
+    args = build_parser().parse_args(["demo", "--port", "9001", "--model", "tiny-llava-next-docs"])
+    assert args.port == 9001 and args.model == "tiny-llava-next-docs"
