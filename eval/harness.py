@@ -230,6 +230,10 @@ def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") ->
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Evaluates every spec; returns the result records (also written to `config.out`)."""
     specs = [parse_spec(text) for text in config.specs]
+    from .seed_vlm import is_seed_vlm, run_seed_bench
+
+    if is_seed_vlm(config.model):  # a SEED-token VLM has no vision tower to wrap: eval/seed_vlm.py evaluates it
+        return run_seed_bench(config, specs, log)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(config)
