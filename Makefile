@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bench test clean-venv
+.PHONY: setup bench latency test clean-venv
 
 setup: $(STAMP)
 
@@ -19,8 +19,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
+# The side-by-side comparison (baseline, random, FastV, PyramidDrop at 33/22/11% of the vision tokens) on the
+# bundled tiny-llava-shapes; writes runs/bench/results.{json,md} and accuracy_vs_flops.png.
 bench: setup
-	$(PY) -m mmreduce.eval.latency --preset cpu --out latency-cpu.json
+	$(PY) -m mmreduce.cli bench --model tiny-llava-shapes --dataset shapes --samples 200 --seed 0 --out runs/bench
+
+# Prefill/decode latency of baseline vs FastV vs PyramidDrop on a random-weight model with LLaVA-1.5's token counts.
+latency: setup
+	$(PY) -m mmreduce.cli latency --preset cpu --out runs/latency-cpu.json
 
 test: setup
 	$(PY) -m pytest -q

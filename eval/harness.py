@@ -125,9 +125,25 @@ def _batch_inputs(processor, samples, device: str):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
+def _checkpoint_fingerprint(model: str) -> str:
+    """Changes whenever the checkpoint's weights do, so a retrained model never reuses stale cached batches."""
+    from .tiny_models import resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(model)
+    except ValueError:
+        return model
+    digest = hashlib.sha1()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _cache_path(out: Path, config: BenchConfig, spec: MethodSpec, shard: "_Shard") -> Path:
-    key = json.dumps([config.model, config.dataset, config.split, config.seed, config.samples, config.batch_size,
-                      config.max_new_tokens, spec.text, config.benchmark_options], sort_keys=True, default=str)
+    key = json.dumps([config.model, _checkpoint_fingerprint(config.model), config.dataset, config.split, config.seed,
+                      config.samples, config.batch_size, config.max_new_tokens, spec.text, config.benchmark_options],
+                     sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() else "_" for c in spec.text)[:40]
     suffix = f".rank{shard.rank}of{shard.world}" if shard.world > 1 else ""
