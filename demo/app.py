@@ -243,9 +243,9 @@ def build_app(store: ModelStore):
             with gr.Column(scale=2):
                 cards = gr.HTML(elem_id="cards")
                 with gr.Row():
-                    tokens_plot = gr.Plot(label="Vision tokens per layer", elem_id="tokens_plot")
-                    latency_plot = gr.Plot(label="Latency", elem_id="latency_plot")
-                schedule_plot = gr.Plot(label="Schedule", elem_id="schedule_plot")
+                    tokens_plot = gr.Plot(label="Vision tokens per layer", elem_id="tokens_plot", min_width=200)
+                    latency_plot = gr.Plot(label="Latency", elem_id="latency_plot", min_width=200)
+                    schedule_plot = gr.Plot(label="Schedule", elem_id="schedule_plot", min_width=200)
                 overlays = gr.Gallery(label="Kept tokens per drop stage (dark: dropped, grey: padding; "
                                             "green bars: newline tokens)", columns=3, height="auto",
                                       object_fit="contain", elem_id="overlays")
