@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bench latency test clean-venv
+.PHONY: setup bench latency lmms test clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ bench: setup
 # Prefill/decode latency of baseline vs FastV vs PyramidDrop on a random-weight model with LLaVA-1.5's token counts.
 latency: setup
 	$(PY) -m mmreduce.cli latency --preset cpu --out runs/latency-cpu.json
+
+# Optional: lmms-eval 0.7.3 beside the stack (it needs av 15.1.0 and filelock 3.32.7 instead of the pins above);
+# then `lmms-eval --model mmreduce --model_args pretrained=PATH,method=pdrop,keep_ratio=0.5 --tasks ...`.
+lmms: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check lmms-eval==0.7.3 av==15.1.0 filelock==3.32.7
 
 test: setup
 	$(PY) -m pytest -q
