@@ -93,14 +93,19 @@ def llava_batch(prompt_lengths=((3, 5), (1, 2), (6, 9)), images_per_sample=1, to
         text_before = torch.randint(3, 200, (before,), generator=generator).tolist()
         text_after = torch.randint(3, 200, (after,), generator=generator).tolist()
         rows.append([BOS_TOKEN] + text_before + [IMAGE_TOKEN] * (tokens_per_image * images_per_sample) + text_after)
+    pixel_values = torch.randn(len(rows) * images_per_sample, 3, 32, 32, generator=generator)
+    return {**_left_pad(rows), "pixel_values": pixel_values}
+
+
+def _left_pad(rows: list[list[int]]) -> dict:
+    """input_ids (B, T) left-padded with PAD_TOKEN and the matching attention_mask."""
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), PAD_TOKEN)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, length - len(row):] = torch.tensor(row)
         attention_mask[i, length - len(row):] = 1
-    pixel_values = torch.randn(len(rows) * images_per_sample, 3, 32, 32, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def llava_next_batch(model, image_sizes=((48, 64), (60, 30), (50, 50)), prompt_lengths=((3, 5), (1, 2), (6, 9)), seed=0):
@@ -132,14 +137,7 @@ def llava_next_batch(model, image_sizes=((48, 64), (60, 30), (50, 50)), prompt_l
         text_before = torch.randint(3, 200, (before,), generator=generator).tolist()
         text_after = torch.randint(3, 200, (after,), generator=generator).tolist()
         rows.append([BOS_TOKEN] + text_before + [IMAGE_TOKEN] * count + text_after)
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = torch.tensor(row)
-        attention_mask[i, length - len(row):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
+    return {**_left_pad(rows), "pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
 
 
 def select_samples(batch: dict, index: int) -> dict:
