@@ -117,12 +117,10 @@ def _samples(config: BenchConfig):
 
 
 def _batch_inputs(processor, samples, device: str):
-    from .tiny_models import format_prompt
+    """The processor batch of `samples` (prompts left-padded, as `accuracy.generate_answers` builds it) on `device`."""
+    from .accuracy import _batch_inputs as build
 
-    prompts = [format_prompt(s.question, num_images=len(s.images)) for s in samples]
-    images = [img for s in samples for img in s.images]
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(device) for k, v in build(processor, samples).items()}
 
 
 def _checkpoint_fingerprint(model: str) -> str:
