@@ -154,16 +154,28 @@ def _aux_targets(samples, recipe: TinyVLMConfig, image_sizes) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
-def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str) -> torch.Tensor:
-    """features: (..., N, D) projector output; targets: (..., N) ids."""
+def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str,
+              grid: int = 0) -> torch.Tensor:
+    """features: (..., N, D) projector output; targets: (..., N) ids.
+
+    With `grid` > 0 (LLaVA-1.5, N = grid * grid in row-major order) the head also predicts every token's row and
+    column, so that the tokens carry where they are (the `position` questions compare two objects' places).
+    """
     logits = head(features)  # (..., N, C)
     base = 8 if benchmark == "shapes" else 16  # packing of (colour, shape) / (mark colour, digit), see _label_map
     colour = torch.where(targets >= 0, targets // base, -100)
     other = torch.where(targets >= 0, targets % base, -100)
     n_col = 1 + len(COLORS)
+    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
     ce = torch.nn.functional.cross_entropy
-    return (ce(logits[..., :n_col].flatten(0, -2), colour.flatten(), ignore_index=-100)
-            + ce(logits[..., n_col:].flatten(0, -2), other.flatten(), ignore_index=-100))
+    loss = (ce(logits[..., :n_col].flatten(0, -2), colour.flatten(), ignore_index=-100)
+            + ce(logits[..., n_col:n_col + n_other].flatten(0, -2), other.flatten(), ignore_index=-100))
+    if grid:
+        cells = torch.arange(grid * grid)
+        where = logits[..., n_col + n_other:].flatten(0, -2)  # (B*N, 2 * grid)
+        rows, cols = (cells // grid).repeat(features.shape[0]), (cells % grid).repeat(features.shape[0])
+        loss = loss + ce(where[:, :grid], rows) + ce(where[:, grid:], cols)
+    return loss
 
 
 def _dialogue(sample, cfg: TrainConfig, step: int) -> str:
@@ -203,6 +215,8 @@ def train(cfg: TrainConfig) -> dict:
                                     "llava_next": "LlavaNextForConditionalGeneration"}[recipe.arch]:
             raise ValueError(f"init_from={cfg.init_from!r} holds a {type(model).__name__}, not a {cfg.model}")
     n_classes = (1 + len(COLORS)) + (1 + len(SHAPES)) if recipe.benchmark == "shapes" else _DOC_CLASSES
+    grid = recipe.image_size // recipe.patch_size if recipe.arch == "llava" else 0
+    n_classes += 2 * grid
     torch.manual_seed(cfg.seed + 1)
     head = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
     captured: dict[str, torch.Tensor] = {}
@@ -247,7 +261,7 @@ def train(cfg: TrainConfig) -> dict:
         targets = ids[:, 1:][src[:, :-1]]  # (n_targets,)
         answer_loss = torch.nn.functional.cross_entropy(pred, targets)
         aux = _aux_loss(head, captured.pop("f"), _aux_targets(samples, recipe, inputs.get("image_sizes")),
-                        recipe.benchmark)
+                        recipe.benchmark, grid)
         grounding = probe.loss() if probe is not None else torch.zeros(())
         loss = answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
         for group in optim.param_groups:

@@ -16,6 +16,7 @@ _SUBCOMMAND_MODULES = (
     "mmreduce.eval.latency",
     "mmreduce.eval.cli",
     "mmreduce.eval.tune",
+    "mmreduce.eval.compare",
     "mmreduce.eval.train_tiny",
     "mmreduce.eval.seed_vlm",
     "mmreduce.tokenizers_visual.cli",

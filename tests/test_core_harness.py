@@ -94,3 +94,26 @@ def test_data_parallel_shards_give_the_same_results(tmp_path):
         assert parallel["equivalent_vision_tokens"] == pytest.approx(alone["equivalent_vision_tokens"])
     caches = sorted(p.name for p in (tmp_path / "sharded" / "cache").iterdir())
     assert any(".rank0of2" in name for name in caches) and any(".rank1of2" in name for name in caches)
+
+
+def test_compare_writes_rank_schedules_and_an_equal_budget_table(tmp_path):
+    from mmreduce.eval.compare import run_compare
+    from mmreduce.methods.schedule import Schedule
+
+    checkpoint = _tiny_checkpoint(tmp_path)
+    summary = run_compare(checkpoint, "shapes", str(tmp_path / "cmp"), budgets=(0.5, 0.1), calibration_samples=4,
+                          samples=4, grid=4, trials=3, batch_size=4, progress=False)
+    out = tmp_path / "cmp"
+    assert (out / "rank" / "kendall_tau.png").stat().st_size > 1000
+    assert "below 1/8" in summary["skipped_budgets"]["0.1"]
+    for name in ("gsearch", "gsearch-0.5", "psigmoid-0.5"):
+        schedule = Schedule(path=str(out / "schedules" / f"{name}.json"))
+        assert len(schedule.keep) == 8 and schedule.keep[0] == 1.0
+        assert (out / "schedules" / f"{name}.log.json").is_file()
+    assert sum(Schedule(path=str(out / "schedules" / "gsearch-0.5.json")).keep) / 8 <= 0.5
+    specs = [row["spec"] for row in summary["results"]]
+    assert specs[0] == "baseline" and len(specs) == 2 + 5  # baseline, own G-Search, then 5 rows for budget 0.5
+    assert all(row["samples"] == 4 for row in summary["results"])
+    reduced = [row for row in summary["results"][2:] if not row["spec"].endswith("psigmoid-0.5.json")]
+    assert all(row["equivalent_vision_tokens"] <= 0.5 * 256 + 1 for row in reduced)
+    assert json.loads((out / "summary.json").read_text())["searches"]["gsearch-0.5"]["evaluations"] >= 1

@@ -13,6 +13,7 @@ from mmreduce.schedules import (
     Calibration,
     greedy_search,
     gsearch,
+    gsearch_within,
     kendall_matrix,
     psigmoid_keep,
     rank_analysis,
@@ -105,6 +106,26 @@ def test_gsearch_on_a_tiny_model_meets_its_tolerance(calibration):
     assert calibration.evaluate(list(schedule.keep)) >= calibration.reference_score
     assert result.evaluations == len(result.log) > 0
     assert schedule.budget.startswith("gsearch")
+
+
+def test_gsearch_within_a_budget_takes_the_tightest_tolerance_that_fits(calibration):
+    def mean(keep):
+        return sum(keep) / len(keep)
+
+    schedule, record, epsilon = gsearch_within(calibration, budget=0.5, grid_size=4, iterations=5, progress=False)
+    assert mean(schedule.keep) <= 0.5 and "equivalent<=0.5" in schedule.budget
+    # Independent re-runs without the shared cache: the returned tolerance gives this very schedule, and the
+    # largest tolerance the bisection rejected gives one over the budget.
+    again, _ = gsearch(calibration, epsilon=epsilon, grid_size=4, progress=False)
+    assert again.keep == schedule.keep
+    rejected = [entry["epsilon"] for entry in record.log if entry["mean_keep"] > 0.5]
+    assert rejected, "the bisection never met a tolerance that misses the budget: the test would be vacuous"
+    tighter, _ = gsearch(calibration, epsilon=max(rejected), grid_size=4, progress=False)
+    assert mean(tighter.keep) > 0.5
+    # Shared evaluations: fewer model evaluations than the five searches would need one by one.
+    assert record.evaluations < 5 * 4 * (len(schedule.keep) - 1)
+    with pytest.raises(ValueError, match="cannot fit"):
+        gsearch_within(calibration, budget=0.1, grid_size=4, iterations=2, progress=False)  # 1/6 is the floor
 
 
 def test_rank_analysis_reports_a_symmetric_tau_matrix():

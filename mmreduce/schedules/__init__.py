@@ -2,7 +2,7 @@
 
 from ..methods.schedule import Schedule
 from .calibration import OBJECTIVES, Calibration
-from .gsearch import GSearchResult, greedy_search, gsearch
+from .gsearch import GSearchResult, greedy_search, gsearch, gsearch_within
 from .psigmoid import Budget, PSigmoidResult, psigmoid_keep, psigmoid_schedule, schedule_cost, tune_psigmoid
 from .rank import attention_rankings, kendall_matrix, plot_kendall, rank_analysis
 
@@ -16,6 +16,7 @@ __all__ = [
     "attention_rankings",
     "greedy_search",
     "gsearch",
+    "gsearch_within",
     "kendall_matrix",
     "plot_kendall",
     "psigmoid_keep",

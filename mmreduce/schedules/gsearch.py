@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from ..methods.schedule import Schedule
 from .calibration import Calibration
 
-__all__ = ["GSearchResult", "greedy_search", "gsearch"]
+__all__ = ["GSearchResult", "greedy_search", "gsearch", "gsearch_within"]
 
 
 @dataclass
@@ -68,8 +68,12 @@ def greedy_search(
 
 
 def gsearch(calibration: Calibration, epsilon: float = 0.01, grid_size: int = 16, model_name: str | None = None,
-            progress: bool = True) -> tuple[Schedule, GSearchResult]:
-    """Runs G-Search on a calibration set; returns the schedule (fractions) and the search record."""
+            progress: bool = True, score_cache: dict | None = None) -> tuple[Schedule, GSearchResult]:
+    """Runs G-Search on a calibration set; returns the schedule (fractions) and the search record.
+
+    `score_cache` (schedule tuple -> objective) lets several searches on the same calibration set share the
+    evaluations they have in common (`gsearch_within` runs one search per tolerance).
+    """
     if not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
     if grid_size < 2:
@@ -80,11 +84,15 @@ def gsearch(calibration: Calibration, epsilon: float = 0.01, grid_size: int = 16
     start_evaluations, start = calibration.evaluations, time.perf_counter()
     captured: dict[int, list] = {}
 
+    scores = {} if score_cache is None else score_cache
+
     def feasible(layer: int, keep: list[float]) -> bool:
-        if layer not in captured:
-            captured.clear()  # one layer's prefix at a time
-            captured[layer] = calibration.capture(keep[:layer], layer)
-        return calibration.resume(captured[layer], keep, layer) >= target - 1e-12
+        if tuple(keep) not in scores:
+            if layer not in captured:
+                captured.clear()  # one layer's prefix at a time
+                captured[layer] = calibration.capture(keep[:layer], layer)
+            scores[tuple(keep)] = calibration.resume(captured[layer], keep, layer)
+        return scores[tuple(keep)] >= target - 1e-12
 
     bar = tqdm(total=calibration.num_layers - 1, desc="G-Search layers", disable=not progress, leave=False)
     grid = [i / grid_size for i in range(grid_size + 1)]
@@ -93,3 +101,41 @@ def gsearch(calibration: Calibration, epsilon: float = 0.01, grid_size: int = 16
     result = GSearchResult(keep, calibration.evaluations - start_evaluations, time.perf_counter() - start, log)
     budget = f"gsearch objective={calibration.objective} epsilon={epsilon} grid={grid_size}"
     return Schedule(keep=keep, unit="fraction", model=model_name, budget=budget), result
+
+
+def gsearch_within(calibration: Calibration, budget: float, grid_size: int = 16, model_name: str | None = None,
+                   iterations: int = 8, score_cache: dict | None = None,
+                   progress: bool = True) -> tuple[Schedule, GSearchResult, float]:
+    """G-Search under a budget: the smallest tolerance ε (bisection over [0, 1]) whose schedule keeps at most
+    `budget` of the vision tokens on average over layers; returns (schedule, record of all searches, ε).
+
+    The paper's G-Search answers "least cost without loss"; this is its equal-budget counterpart, for comparing it
+    with FastV, PyramidDrop and P-Sigmoid at one budget. Searches share their evaluations (`score_cache`).
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+    scores = {} if score_cache is None else score_cache
+    start_evaluations, start = calibration.evaluations, time.perf_counter()
+    low, high = 0.0, 1.0 - 1e-9  # ε = high always fits: the greedy search then keeps one grid step everywhere
+    best: Schedule | None = None
+    log: list[dict] = []
+    for _ in range(iterations):
+        epsilon = (low + high) / 2
+        schedule, result = gsearch(calibration, epsilon, grid_size, model_name, progress=False, score_cache=scores)
+        mean = sum(schedule.keep) / len(schedule.keep)
+        log.append({"epsilon": epsilon, "mean_keep": mean, "keep": schedule.keep})
+        if mean <= budget + 1e-12:
+            high, best = epsilon, schedule
+        else:
+            low = epsilon
+    if best is None:
+        best, _ = gsearch(calibration, high, grid_size, model_name, progress=False, score_cache=scores)
+        if sum(best.keep) / len(best.keep) > budget + 1e-12:
+            raise ValueError(f"G-Search cannot fit a mean keep of {budget} with a grid of {grid_size}: even the "
+                             f"loosest search keeps {sum(best.keep) / len(best.keep):.3f}")
+    best.budget = f"gsearch objective={calibration.objective} equivalent<={budget} epsilon={high:.4f} grid={grid_size}"
+    record = GSearchResult(list(best.keep), calibration.evaluations - start_evaluations,
+                           time.perf_counter() - start, log)
+    return best, record, high

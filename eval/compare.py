@@ -1,0 +1,145 @@
+"""`mmreduce compare`: the equal-budget comparison of schedules, in one command.
+
+    mmreduce compare --model tiny-llava-shapes --dataset shapes --out runs/compare-shapes
+
+On the benchmark's `calibration` split it runs the attention-rank analysis, G-Search at its own operating point
+(tolerance ε, "no loss, least cost"), G-Search under each budget (`gsearch_within`) and P-Sigmoid tuned by
+Bayesian optimization for each budget. Then, on the `test` split (never the calibration split), it evaluates the
+baseline, random, FastV, PyramidDrop and the searched schedules side by side with `mmreduce bench`.
+
+Output (`--out DIR`): `rank/` (JSON + Kendall τ heat map), `schedules/*.json` (each with a `.log.json` of its
+search), `bench/` (results.json / .md / accuracy_vs_flops.png, per-sample predictions) and `summary.json` with
+the search costs (model evaluations, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+__all__ = ["DEFAULT_BUDGETS", "add_subparser", "run_compare"]
+
+#: 192 / 128 / 64 of LLaVA-1.5's 576 tokens. With layer 0 always full, an L-layer model cannot go below 1/L on
+#: average (12.5% at 8 layers), so budgets under that are reported as skipped; `--budgets` picks others.
+DEFAULT_BUDGETS = (0.333, 0.222, 0.111)
+
+
+def _baselines(budget: float, depth: int) -> list[str]:
+    """random / FastV / PyramidDrop specs fitted to `budget`; drops start at layer 1 so small budgets are reachable."""
+    pdrop_layers = "+".join(str(max(1, round(depth * q / 8))) for q in (1, 3, 5))  # 1+3+5 at 8 layers
+    return [f"random:layer=1,equivalent={budget}", f"fastv:layer=1,equivalent={budget}",
+            f"pdrop:layers={pdrop_layers},equivalent={budget}"]
+
+
+def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS, calibration_samples: int = 64,
+                samples: int = 200, seed: int = 0, objective: str = "agreement", epsilon: float = 0.01,
+                grid: int = 16, trials: int = 30, batch_size: int = 16, progress: bool = True) -> dict:
+    """Runs the whole comparison (see the module docstring); returns the summary written to `out/summary.json`."""
+    import torch
+
+    from mmreduce.schedules import (Budget, Calibration, gsearch, gsearch_within, plot_kendall, psigmoid_schedule,
+                                    rank_analysis, tune_psigmoid)
+
+    from .harness import BenchConfig, run_bench
+    from .tune import calibration_set
+
+    budgets = [float(b) for b in budgets]
+    if not budgets or any(not 0 < b <= 1 for b in budgets):
+        raise ValueError(f"budgets must be fractions in (0, 1], got {budgets!r}")
+    root = Path(out)
+    (root / "schedules").mkdir(parents=True, exist_ok=True)
+    (root / "rank").mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda *a, **k: None)
+    torch.manual_seed(seed)
+
+    model, _, batches, labels = calibration_set(model_name, dataset, calibration_samples, batch_size, seed)
+    summary: dict = {"model": model_name, "dataset": dataset, "calibration_samples": calibration_samples,
+                     "test_samples": samples, "seed": seed, "objective": objective, "budgets": budgets}
+
+    start = time.perf_counter()
+    rank = rank_analysis(model, batches)
+    (root / "rank" / "rank_analysis.json").write_text(json.dumps(rank, indent=2))
+    plot_kendall(rank, root / "rank" / "kendall_tau.png", title=f"{model_name}: Kendall τ between layers")
+    summary["rank"] = {"mean_tau_excluding_layer0": rank["mean_tau_excluding_layer0"],
+                       "mean_tau_with_layer0": rank["mean_tau_with_layer0"],
+                       "seconds": round(time.perf_counter() - start, 1)}
+    say(f"rank analysis: mean τ between layers >= 1 {rank['mean_tau_excluding_layer0']:.3f}, "
+        f"layer 0 vs others {rank['mean_tau_with_layer0']:.3f}")
+
+    calibration = Calibration(model, batches, labels, objective=objective)
+    depth = calibration.num_layers
+    scores: dict = {}  # every G-Search run below shares its evaluations
+    searches: dict = {}
+
+    def record(name: str, schedule, entry: dict) -> str:
+        path = root / "schedules" / f"{name}.json"
+        schedule.to_json(path)
+        path.with_suffix(".log.json").write_text(json.dumps(entry, indent=2, default=str))
+        searches[name] = {k: v for k, v in entry.items() if k not in ("log", "trials")} | {"keep": schedule.keep}
+        say(f"{name}: keep [{', '.join(f'{k:.2f}' for k in schedule.keep)}] "
+            f"(mean {sum(schedule.keep) / depth:.3f}), {entry['evaluations']} evaluations, {entry['seconds']:.0f} s")
+        return str(path)
+
+    schedule, result = gsearch(calibration, epsilon, grid, model_name, progress=progress, score_cache=scores)
+    own = record("gsearch", schedule, {"epsilon": epsilon, "evaluations": result.evaluations,
+                                       "seconds": round(result.seconds, 1), "log": result.log})
+    specs = ["baseline", f"schedule:path={own}"]
+    skipped = {}
+    for budget in budgets:
+        if budget < 1 / depth - 1e-9:
+            skipped[str(budget)] = (f"below 1/{depth}: layer 0 keeps every vision token, so no method reaches "
+                                    f"{budget} on a {depth}-layer model")
+            say(f"budget {budget}: skipped ({skipped[str(budget)]})")
+            continue
+        specs += _baselines(budget, depth)
+        schedule, result, tolerance = gsearch_within(calibration, budget, grid, model_name, score_cache=scores)
+        specs.append("schedule:path=" + record(f"gsearch-{budget}", schedule, {
+            "budget": budget, "epsilon": tolerance, "evaluations": result.evaluations,
+            "seconds": round(result.seconds, 1), "log": result.log}))
+        limit = Budget("equivalent", budget)
+        tuned = tune_psigmoid(depth, calibration.evaluate, limit, trials=trials, seed=seed, progress=progress)
+        specs.append("schedule:path=" + record(f"psigmoid-{budget}", psigmoid_schedule(tuned, model_name, limit), {
+            "budget": budget, "params": tuned.params, "calibration_objective": tuned.objective, "cost": tuned.cost,
+            "evaluations": len(tuned.trials), "seconds": round(tuned.seconds, 1), "trials": tuned.trials}))
+    summary["searches"] = searches
+    summary["skipped_budgets"] = skipped
+
+    rows = run_bench(BenchConfig(model=model_name, dataset=dataset, specs=specs, samples=samples, seed=seed,
+                                 split="test", batch_size=batch_size, out=str(root / "bench"), progress=progress))
+    summary["results"] = rows
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def add_subparser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="rank analysis, G-Search, P-Sigmoid and the equal-budget comparison on the test split",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llava-shapes")
+    parser.add_argument("--dataset", default="shapes")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
+                        help="equivalent fractions of the vision tokens (mean over layers)")
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=200, help="test samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objective", choices=["agreement", "accuracy"], default="agreement")
+    parser.add_argument("--epsilon", type=float, default=0.01, help="G-Search tolerance at its own operating point")
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=30, help="P-Sigmoid Bayesian optimization trials")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .harness import results_markdown
+
+    summary = run_compare(args.model, args.dataset, args.out, args.budgets, args.calibration_samples, args.samples,
+                          args.seed, args.objective, args.epsilon, args.grid, args.trials, args.batch_size,
+                          not args.no_progress)
+    print(results_markdown(summary["results"]))
+    print(f"\nwritten: {args.out}/summary.json, rank/, schedules/, bench/")
+    return 0
