@@ -56,11 +56,13 @@ class GroundingProbe:
     `loss()` after it. Samples with no targets are skipped.
     """
 
-    def __init__(self, model, layers: tuple[int, ...]):
+    def __init__(self, model, layers: tuple[int, ...], heads: int = 0):
         decoder = model.model.language_model.layers
         self.query: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None  # (B, T) attention_mask of the inputs
         self.targets: list[torch.Tensor] = []
+        self.heads = heads  # supervise the mean of the first `heads` heads only (0 = all): the others stay free
+        self.values: list[torch.Tensor] = []  # per hooked layer, (B, T, Hkv * hd): what attention reads
         self._losses: list[torch.Tensor] = []
         self._handles = [decoder[i].register_forward_pre_hook(self._hook, with_kwargs=True) for i in layers]
 
@@ -72,6 +74,7 @@ class GroundingProbe:
         batch, length, _ = hidden.shape
         cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])  # (1 or B, T, hd) -> (B, T, hd)
         x = layer.input_layernorm(hidden)
+        self.values.append(attn.v_proj(x))  # (B, T, Hkv * hd)
         rows = torch.arange(batch)
         q = attn.q_proj(x[rows, self.query]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
         k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -80,7 +83,8 @@ class GroundingProbe:
         k = repeat_kv(k, attn.num_key_value_groups)  # (B, H, T, hd)
         scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, T)
         allowed = (torch.arange(length)[None] <= self.query[:, None]) & self.key_valid.bool()  # (B, T)
-        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # (B, T) head mean
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)  # (B, H, T)
+        probs = probs[:, :self.heads or None].mean(1)  # (B, T) mean over the supervised heads
         for b, positions in enumerate(self.targets):
             if positions.numel():
                 self._losses.append(-torch.log(probs[b, positions].sum().clamp_min(1e-6)))
@@ -89,6 +93,7 @@ class GroundingProbe:
     def loss(self) -> torch.Tensor:
         """Mean over (sample, layer) of -log(attention mass on the targets); 0 if nothing was measured."""
         losses, self._losses = self._losses, []
+        self.values = []
         self.query = None  # the hooks stay silent until the next training batch sets it again
         return torch.stack(losses).mean() if losses else torch.zeros(())
 

@@ -55,6 +55,14 @@ class TrainConfig:
     grounding_layers: tuple[int, ...] = ()
     qtypes: tuple[str, ...] = ()
     grounding_weight: float = 1.0
+    value_aux_weight: float = 0.0
+    deep_layers: tuple[int, ...] = ()
+    question_aux_layer: int = 0
+    match_layer: int = 0
+    tie_qk_init: bool = False
+    question_grounding_layers: tuple[int, ...] = ()
+    curriculum: tuple[tuple[int, int], ...] = ()
+    grounding_heads: int = 0
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 100
@@ -77,6 +85,24 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         self.grounding_layers = tuple(int(i) for i in self.grounding_layers)
+        self.deep_layers = tuple(int(i) for i in self.deep_layers)
+        self.question_grounding_layers = tuple(int(i) for i in self.question_grounding_layers)
+        self.curriculum = tuple((int(a), int(b)) for a, b in self.curriculum)
+        starts = [a for a, _ in self.curriculum]
+        if self.curriculum and (starts != sorted(starts) or starts[0] != 0 or min(b for _, b in self.curriculum) < 1):
+            raise ValueError(f"curriculum must be (start_step, max_objects) pairs with increasing steps from 0 and "
+                             f"max_objects >= 1, got {self.curriculum!r}")
+        if any(i < 0 for i in self.question_grounding_layers):
+            raise ValueError(f"question_grounding_layers must be >= 0, got {self.question_grounding_layers!r}")
+        if self.value_aux_weight < 0 or (self.value_aux_weight and not self.grounding_layers):
+            raise ValueError(f"value_aux_weight must be >= 0 and needs grounding_layers (its layers), got "
+                             f"{self.value_aux_weight!r} with grounding_layers={self.grounding_layers!r}")
+        if self.match_layer < 0:
+            raise ValueError(f"match_layer must be >= 0 (0 = off), got {self.match_layer!r}")
+        if self.question_aux_layer < 0:
+            raise ValueError(f"question_aux_layer must be >= 0 (0 = off), got {self.question_aux_layer!r}")
+        if any(i < 1 for i in self.deep_layers):
+            raise ValueError(f"deep_layers must be >= 1 (outputs of decoder layers), got {self.deep_layers!r}")
         if any(i < 0 for i in self.grounding_layers) or self.grounding_weight < 0:
             raise ValueError(f"grounding_layers must be >= 0 and grounding_weight >= 0, got "
                              f"{self.grounding_layers!r}, {self.grounding_weight!r}")
@@ -154,6 +180,62 @@ def _aux_targets(samples, recipe: TinyVLMConfig, image_sizes) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
+def _sequence_targets(samples, recipe: TinyVLMConfig) -> list[torch.Tensor]:
+    """Per sample, the per-patch ids of `_aux_targets` in the order of the image tokens in the prompt; (n_b,).
+
+    llava: the grid in row-major order. llava_next (page equal to a pinpoint, no unpadding): the base view
+    (-100, a down-scaled copy), then the full-resolution grid row by row, each row followed by its newline (-100).
+    """
+    p, side = recipe.patch_size, recipe.image_size
+    out = []
+    for s in samples:
+        if recipe.arch == "llava":
+            out.append(torch.from_numpy(patch_labels(_label_map(s, (side, side)), p, min_pixels=6).reshape(-1)))
+            continue
+        width, height = s.image.size
+        grid = _planes(_label_map(s, (width, height)), 16, p)  # (H/p, W/p)
+        newline = np.full((grid.shape[0], 1), -100)
+        rows = np.concatenate([grid, newline], axis=1).reshape(-1)  # (H/p * (W/p + 1),)
+        out.append(torch.from_numpy(np.concatenate([np.full((side // p) ** 2, -100), rows])))
+    return out
+
+
+def _asked(sample, benchmark: str) -> tuple[list[int], list[int]]:
+    """Class ids (as in `_label_map`'s two planes) of the colours and of the shapes / digits the question names."""
+    words = sample.question.split()
+    colours = [_COLOR_IDS[w] for w in words if w in _COLOR_IDS]
+    if benchmark == "shapes":
+        return colours, [_SHAPE_IDS[w] for w in words if w in _SHAPE_IDS]
+    return colours, [1 + int(w) for w in words if w.isdigit()]
+
+
+def _match_loss(head: torch.nn.Linear, vision: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
+                asked: list[tuple[list[int], list[int]]], benchmark: str) -> torch.Tensor:
+    """One attribute read-out shared by the image tokens and the answer position, at one layer's attention input.
+
+    vision: (M, D) normalised image-token states with (M,) packed per-patch ids (-100 = none); query: (B, D) the
+    answer position's; asked: per sample, the colour and shape/digit classes its question names. Sharing the head
+    puts "square" in the same directions on the square's token and on a question about the square, which is what
+    a query-key match needs (with `tie_qk_init`, the keys start as the queries).
+    """
+    base = 8 if benchmark == "shapes" else 16
+    n_col = 1 + len(COLORS)
+    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
+    logits = head(vision)  # (M, C)
+    colour = torch.where(targets >= 0, targets // base, -100)
+    other = torch.where(targets >= 0, targets % base, -100)
+    ce = torch.nn.functional.cross_entropy
+    loss = (ce(logits[:, :n_col], colour, ignore_index=-100)
+            + ce(logits[:, n_col:n_col + n_other], other, ignore_index=-100))
+    wanted = torch.zeros(query.shape[0], n_col + n_other)  # (B, C) multi-hot of the named classes
+    for b, (colours, others) in enumerate(asked):
+        wanted[b, colours] = 1.0
+        wanted[b, [n_col + o for o in others]] = 1.0
+    wanted[:, 0] = wanted[:, n_col] = 0.0  # "none" classes are never named
+    guess = head(query)[:, :n_col + n_other]  # (B, C)
+    return loss + torch.nn.functional.binary_cross_entropy_with_logits(guess, wanted) * (n_col + n_other) / 2
+
+
 def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str,
               grid: int = 0) -> torch.Tensor:
     """features: (..., N, D) projector output; targets: (..., N) ids.
@@ -184,6 +266,20 @@ def _dialogue(sample, cfg: TrainConfig, step: int) -> str:
     for question, answer in extra_questions(sample, cfg.extra_questions, cfg.seed):
         text += f"USER: {question} ASSISTANT: {answer}</s>"
     return text
+
+
+def _crowding(cfg: TrainConfig, recipe: TinyVLMConfig, step: int) -> dict:
+    """Generator options of the object-count curriculum at `step` (none once it is over or when there is none).
+
+    Few objects first: with one or two objects the answer can be read before the model has learnt to pick the asked
+    object among many, and that read-out is what later teaches the picking.
+    """
+    current = [most for start, most in cfg.curriculum if start <= step]
+    if not current:
+        return {}
+    if recipe.benchmark == "shapes":
+        return {"min_objects": 1, "max_objects": min(8, current[-1])}
+    return {"min_fields": 2, "max_fields": min(6, max(2, current[-1]))}
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -219,10 +315,35 @@ def train(cfg: TrainConfig) -> dict:
     n_classes += 2 * grid
     torch.manual_seed(cfg.seed + 1)
     head = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
+    # Value heads: the same per-patch targets read from each grounded layer's value vectors, so that what the
+    # answer position's attention fetches from an object's token says what the object is (training only).
+    value_width = model.config.text_config.num_key_value_heads * model.config.text_config.head_dim
+    value_heads = torch.nn.ModuleList([torch.nn.Linear(value_width, n_classes) for _ in cfg.grounding_layers]) \
+        if cfg.value_aux_weight else torch.nn.ModuleList()
+    # Question head: which words the first question holds, read off the answer position at the input of decoder
+    # layer `question_aux_layer`: the query that finds the asked object needs the asked words there first.
+    vocab = model.config.text_config.vocab_size
+    question_head = torch.nn.ModuleList(
+        [torch.nn.Linear(model.config.text_config.hidden_size, vocab)] if cfg.question_aux_layer else [])
+    n_match = (1 + len(COLORS)) + ((1 + len(SHAPES)) if recipe.benchmark == "shapes" else 11)
+    match_head = torch.nn.ModuleList(
+        [torch.nn.Linear(model.config.text_config.hidden_size, n_match)] if cfg.match_layer else [])
+    if cfg.tie_qk_init and not cfg.init_from:
+        for index in cfg.grounding_layers:  # keys start equal to queries: q.k is then >= 0 for matching content
+            attn = model.model.language_model.layers[index].self_attn
+            with torch.no_grad():
+                attn.k_proj.weight.copy_(attn.q_proj.weight[:attn.k_proj.weight.shape[0]])
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("f", o))
-    probe = GroundingProbe(model, cfg.grounding_layers) if cfg.grounding_layers else None
-    params = list(model.parameters()) + list(head.parameters())
+    probe = GroundingProbe(model, cfg.grounding_layers, cfg.grounding_heads) if cfg.grounding_layers else None
+    # The answer position must first read the question's naming words (colour, shape, digit) before it can look
+    # for the object they name; in shallow layers the 256 image tokens otherwise take all of its attention.
+    question_probe = GroundingProbe(model, cfg.question_grounding_layers, cfg.grounding_heads) if cfg.question_grounding_layers else None
+    naming_ids = torch.tensor(sorted(processor.tokenizer.convert_tokens_to_ids(w)
+                                     for w in (*COLORS, *SHAPES, *"0123456789")
+                                     if w in processor.tokenizer.get_vocab()))
+    params = [*model.parameters(), *head.parameters(), *value_heads.parameters(), *question_head.parameters(),
+              *match_head.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -239,7 +360,7 @@ def train(cfg: TrainConfig) -> dict:
     for step in bar:
         model.train()
         samples = load_benchmark(recipe.benchmark, "train", cfg.batch_size, seed=cfg.seed,
-                                 start=(cfg.data_offset + step) * cfg.batch_size, **options)
+                                 start=(cfg.data_offset + step) * cfg.batch_size, **options, **_crowding(cfg, recipe, step))
         texts = [_dialogue(s, cfg, step) for s in samples]
         inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
         ids = inputs["input_ids"]
@@ -249,7 +370,14 @@ def train(cfg: TrainConfig) -> dict:
             image_id = model.config.image_token_id
             probe.targets = [target_positions(s, (ids[b] == image_id).nonzero().squeeze(1), model.config)
                              for b, s in enumerate(samples)]
-        logits = model(**inputs).logits  # (B, T, V)
+        if question_probe is not None:
+            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
+            naming = torch.isin(ids, naming_ids) & (torch.arange(ids.shape[1])[None] < colon_at[:, None])  # (B, T)
+            question_probe.query, question_probe.key_valid = colon_at, inputs["attention_mask"]
+            question_probe.targets = [row.nonzero().squeeze(1) for row in naming]
+        output = model(**inputs, output_hidden_states=bool(cfg.deep_layers or cfg.question_aux_layer
+                                                           or cfg.match_layer))
+        logits = output.logits  # (B, T, V)
         # Loss on every answer word and the </s> after it: predicted from the ":" after "ASSISTANT" and from
         # the answer word itself.
         colon = (ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)  # (B, T-1): "ASSISTANT" at t
@@ -262,8 +390,53 @@ def train(cfg: TrainConfig) -> dict:
         answer_loss = torch.nn.functional.cross_entropy(pred, targets)
         aux = _aux_loss(head, captured.pop("f"), _aux_targets(samples, recipe, inputs.get("image_sizes")),
                         recipe.benchmark, grid)
+        value_aux = torch.zeros(())
+        if len(value_heads):
+            image_id = model.config.image_token_id
+            targets_seq = _sequence_targets(samples, recipe)
+            for value_head, values in zip(value_heads, probe.values):  # values: (B, T, Hkv * hd)
+                if recipe.arch == "llava":
+                    feats = values[ids == image_id].view(len(samples), -1, values.shape[-1])  # (B, N, Dv)
+                    value_aux = value_aux + _aux_loss(value_head, feats, torch.stack(targets_seq), recipe.benchmark, grid)
+                else:
+                    feats = values[ids == image_id]  # (sum n_b, Dv), samples in batch order
+                    value_aux = value_aux + _aux_loss(value_head, feats, torch.cat(targets_seq), recipe.benchmark)
+            value_aux = value_aux / len(value_heads)
+        deep = torch.zeros(())
+        if cfg.deep_layers:
+            # The first answer read off intermediate layers through the final norm and head (deep supervision).
+            rows = torch.arange(ids.shape[0])
+            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
+            answer_ids = ids[rows, colon_at + 1]  # (B,)
+            language = model.model.language_model
+            deep = torch.stack([torch.nn.functional.cross_entropy(
+                model.lm_head(language.norm(output.hidden_states[layer][rows, colon_at])), answer_ids)
+                for layer in cfg.deep_layers]).mean()
+        question_aux = torch.zeros(())
+        if len(question_head):
+            rows = torch.arange(ids.shape[0])
+            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
+            first_turn = torch.arange(ids.shape[1])[None] < colon_at[:, None]  # (B, T)
+            image_or_pad = (ids == model.config.image_token_id) | (inputs["attention_mask"] == 0)
+            words = torch.zeros(ids.shape[0], vocab)  # (B, V) multi-hot of the first turn's text tokens
+            words.scatter_(1, torch.where(first_turn & ~image_or_pad, ids, 0), 1.0)
+            words[:, 0] = 0.0  # id 0 (<pad>) stood in for the masked positions
+            guess = question_head[0](output.hidden_states[cfg.question_aux_layer][rows, colon_at])  # (B, V)
+            question_aux = torch.nn.functional.binary_cross_entropy_with_logits(guess, words)
+        match = torch.zeros(())
+        if len(match_head):
+            rows = torch.arange(ids.shape[0])
+            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
+            normed = model.model.language_model.layers[cfg.match_layer].input_layernorm(
+                output.hidden_states[cfg.match_layer])  # (B, T, D): what that layer's q/k projections read
+            match = _match_loss(match_head[0], normed[ids == model.config.image_token_id],
+                                torch.cat(_sequence_targets(samples, recipe)), normed[rows, colon_at],
+                                [_asked(s_, recipe.benchmark) for s_ in samples], recipe.benchmark)
         grounding = probe.loss() if probe is not None else torch.zeros(())
-        loss = answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
+        if question_probe is not None:
+            grounding = grounding + question_probe.loss()
+        loss = (match + answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
+                + cfg.value_aux_weight * value_aux + deep + question_aux * vocab / 8)
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, cfg)
         optim.zero_grad(set_to_none=True)
@@ -273,9 +446,13 @@ def train(cfg: TrainConfig) -> dict:
 
         first_acc = (pred.argmax(-1) == targets).float().mean().item()  # over all answer and </s> targets
         bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux.item():.3f}", ground=f"{grounding.item():.3f}",
+                        vaux=f"{value_aux.item():.3f}", deep=f"{deep.item():.3f}", q=f"{question_aux.item():.3f}",
+                        match=f"{match.item():.3f}",
                         acc=f"{first_acc:.2f}")
-        log.info("step %d loss %.4f aux %.4f batch_acc %.3f ground %.4f lr %.2e elapsed %.0fs", step,
-                 answer_loss.item(), aux.item(), first_acc, grounding.item(), _lr_at(step, cfg), time.time() - start)
+        log.info("step %d loss %.4f aux %.4f batch_acc %.3f ground %.4f value_aux %.4f deep %.4f question_aux %.4f "
+                 "match %.4f lr %.2e elapsed %.0fs", step, answer_loss.item(), aux.item(), first_acc, grounding.item(),
+                 value_aux.item(), deep.item(), question_aux.item(), match.item(), _lr_at(step, cfg),
+                 time.time() - start)
         last = step == cfg.steps - 1
         over_time = bool(cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes)
         over_time |= bool(cfg.stop_at and step + 1 >= cfg.stop_at)
@@ -290,8 +467,9 @@ def train(cfg: TrainConfig) -> dict:
             log.info("stopping at step %d (max_minutes=%s, stop_at=%s)", step + 1, cfg.max_minutes, cfg.stop_at)
             break
     hook.remove()
-    if probe is not None:
-        probe.remove()
+    for grounding_probe in (probe, question_probe):
+        if grounding_probe is not None:
+            grounding_probe.remove()
     summary = dict(config=asdict(cfg), wall_time_s=round(time.time() - start, 1), history=history)
     previous = Path(cfg.init_from) / "train_config.json" if cfg.init_from else None
     if previous is not None and previous.is_file():
@@ -316,6 +494,24 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "attention is trained onto the target objects' tokens (e.g. 2,3,4,5); empty = off")
     parser.add_argument("--qtypes", default="", help="comma-separated question types to train on (default: all)")
     parser.add_argument("--grounding-weight", type=float, default=defaults.grounding_weight)
+    parser.add_argument("--value-aux-weight", type=float, default=defaults.value_aux_weight,
+                        help="weight of the per-patch targets read from the grounded layers' value vectors; 0 = off")
+    parser.add_argument("--question-aux-layer", type=int, default=defaults.question_aux_layer,
+                        help="train the answer position's input to this decoder layer to tell which words the "
+                        "question holds (multi-hot); 0 = off")
+    parser.add_argument("--match-layer", type=int, default=defaults.match_layer,
+                        help="one attribute read-out shared by the image tokens and the answer position at this "
+                        "layer's attention input (see _match_loss); 0 = off")
+    parser.add_argument("--question-grounding-layers", default="", help="comma-separated decoder layers whose "
+                        "answer-position attention is trained onto the question's colour/shape/digit words")
+    parser.add_argument("--curriculum", default="", help="object-count curriculum as STEP:MAX pairs, e.g. "
+                        "0:1,150:2,300:4,450:8 (shapes: max_objects; docs: max_fields); empty = off")
+    parser.add_argument("--grounding-heads", type=int, default=defaults.grounding_heads, help="ground only the "
+                        "mean of the first N heads of each grounded layer (0 = all heads)")
+    parser.add_argument("--tie-qk-init", action="store_true", help="start the grounded layers' keys equal to "
+                        "their queries")
+    parser.add_argument("--deep-layers", default="", help="comma-separated decoder layers whose output at the answer "
+                        "position is also trained to give the first answer (deep supervision); empty = off")
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -337,6 +533,13 @@ def _run(args: argparse.Namespace) -> int:
                       aux_weight=args.aux_weight, extra_questions=args.extra_questions, seed=args.seed, eval_every=args.eval_every,
                       eval_samples=args.eval_samples, threads=args.threads, max_minutes=args.max_minutes,
                       stop_at=args.stop_at, grounding_weight=args.grounding_weight,
+                      value_aux_weight=args.value_aux_weight, question_aux_layer=args.question_aux_layer,
+                      match_layer=args.match_layer, tie_qk_init=args.tie_qk_init, grounding_heads=args.grounding_heads,
+                      curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in args.curriculum.split(",")
+                                       if pair.strip()),
+                      question_grounding_layers=tuple(int(i) for i in args.question_grounding_layers.split(",")
+                                                      if i.strip()),
+                      deep_layers=tuple(int(i) for i in args.deep_layers.split(",") if i.strip()),
                       qtypes=tuple(q for q in args.qtypes.split(",") if q.strip()),
                       grounding_layers=tuple(int(i) for i in args.grounding_layers.split(",") if i.strip()), init_from=args.init_from, data_offset=args.data_offset, out=args.out)
     summary = train(cfg)

@@ -73,3 +73,74 @@ def test_grounding_targets_are_the_image_tokens_under_the_boxes():
     vision = torch.arange(3, 3 + 16 + 8 * 9)
     expected = [2 * 4 + 1] + [16 + r * 9 + c for r in (4, 5) for c in (2, 3)]
     assert target_positions(sample, vision, model.config).tolist() == [3 + i for i in expected]
+
+
+def test_sequence_targets_put_each_field_where_the_grounding_boxes_are():
+    """Two independent routes to 'which image tokens hold the asked field': the drawn label map in prompt order,
+    and the target boxes through `target_positions`; the full-resolution token of the field must agree."""
+    from mmreduce.eval._grounding import target_positions
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.benchmarks.draw import COLORS
+    from mmreduce.eval.tiny_models import TINY_MODELS, build_tiny
+    from mmreduce.eval.train_tiny import _sequence_targets
+
+    model, _ = build_tiny("tiny-llava-next-docs")
+    recipe = TINY_MODELS["tiny-llava-next-docs"]
+    for sample in load_benchmark("docs", "test", 12, seed=3):
+        labels = _sequence_targets([sample], recipe)[0]  # (n_vision,) in prompt order
+        assert labels.numel() == 16 + 8 * 9  # base 4x4, then 8 rows of 8 tokens + a newline
+        target = target_positions(sample, torch.arange(labels.numel()), model.config)
+        full_res = [int(t) for t in target if t >= 16]  # the base view is down-scaled and carries no labels
+        assert len(full_res) == 1 and labels[full_res[0]] > 0  # one token, and it holds a labelled field
+        assert labels[full_res[0]] // 16 == 1 + list(COLORS).index(sample.meta["fields"][0]["color"])
+
+
+def test_asked_classes_curriculum_and_new_options_are_validated():
+    from mmreduce.eval.benchmarks import Sample
+    from mmreduce.eval.tiny_models import TINY_MODELS
+    from mmreduce.eval.train_tiny import _asked, _crowding
+
+    def ask(question):
+        from PIL import Image
+
+        return Sample(images=[Image.new("RGB", (8, 8))], question=question, answer="a", choices=("a",), meta={})
+
+    assert _asked(ask("where is the red object relative to the blue object ?"), "shapes") == ([1, 3], [])
+    assert _asked(ask("is there a green cross ?"), "shapes") == ([2], [4])
+    assert _asked(ask("what color is the box with the 5 ?"), "docs") == ([], [6])
+    cfg = TrainConfig(curriculum=((0, 1), (10, 4)))
+    assert _crowding(cfg, TINY_MODELS["tiny-llava-shapes"], 9) == {"min_objects": 1, "max_objects": 1}
+    assert _crowding(cfg, TINY_MODELS["tiny-llava-shapes"], 10)["max_objects"] == 4
+    assert _crowding(cfg, TINY_MODELS["tiny-llava-next-docs"], 0) == {"min_fields": 2, "max_fields": 2}
+    assert _crowding(TrainConfig(), TINY_MODELS["tiny-llava-shapes"], 0) == {}
+    for bad, message in [(dict(curriculum=((5, 1),)), "curriculum"), (dict(value_aux_weight=1.0), "grounding_layers"),
+                         (dict(deep_layers=(0,)), "deep_layers"), (dict(match_layer=-1), "match_layer")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+
+
+def test_attention_report_masses_add_up_and_objects_match_the_pixels():
+    from mmreduce.eval.attention_report import attention_mass
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.tiny_models import build_tiny, format_prompt
+
+    model, processor = build_tiny("tiny-llava-shapes", attn_implementation="eager")
+    samples = load_benchmark("shapes", "test", 3, seed=4)
+    report = attention_mass(model, processor, samples)
+    assert len(report) == 8 and all(len(row["target"]) == 4 for row in report)
+    for row in report:
+        for h in range(4):
+            assert row["image"][h] + row["text"][h] == pytest.approx(1.0, abs=1e-3)
+            assert row["target"][h] <= row["objects"][h] + 1e-6 <= row["image"][h] + 2e-6
+    # "objects" independently: the image tokens whose 8 px cell holds saturated (non-grey) pixels.
+    inputs = processor(images=[s.image for s in samples], text=[format_prompt(s.question) for s in samples],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        last = model(**inputs, output_attentions=True).attentions[3][:, :, -1]  # (B, H, T)
+    expected = torch.zeros(4)
+    for b, s in enumerate(samples):
+        rgb = np.asarray(s.image, dtype=np.int16)
+        cells = ((rgb.max(-1) - rgb.min(-1)) > 60).reshape(16, 8, 16, 8).any(axis=(1, 3)).reshape(-1)  # (256,)
+        vision = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        expected += last[b][:, vision[torch.from_numpy(cells)]].sum(-1)
+    assert report[3]["objects"] == pytest.approx((expected / 3).tolist(), abs=1e-3)
