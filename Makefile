@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bench latency lmms test clean-venv
+.PHONY: setup bench compare latency lmms test clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml setup.py
 # bundled tiny-llava-shapes; writes runs/bench/results.{json,md} and accuracy_vs_flops.png.
 bench: setup
 	$(PY) -m mmreduce.cli bench --model tiny-llava-shapes --dataset shapes --samples 200 --seed 0 --out runs/bench
+
+# Rank analysis, G-Search, P-Sigmoid and the equal-budget comparison on shapes (README "Schedule search").
+compare: setup
+	$(PY) -m mmreduce.cli compare --model tiny-llava-shapes --dataset shapes --budgets 0.333 0.222 0.15 0.111 \
+		--calibration-samples 64 --samples 200 --seed 0 --out runs/compare-shapes
 
 # Prefill/decode latency of baseline vs FastV vs PyramidDrop on a random-weight model with LLaVA-1.5's token counts.
 latency: setup

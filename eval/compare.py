@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUDGETS", "add_subparser", "run_compare"]
+__all__ = ["DEFAULT_BUDGETS", "add_subparser", "comparison_markdown", "run_compare"]
 
 #: 192 / 128 / 64 of LLaVA-1.5's 576 tokens. With layer 0 always full, an L-layer model cannot go below 1/L on
 #: average (12.5% at 8 layers), so budgets under that are reported as skipped; `--budgets` picks others.
@@ -31,6 +31,40 @@ def _baselines(budget: float, depth: int) -> list[str]:
     pdrop_layers = "+".join(str(max(1, round(depth * q / 8))) for q in (1, 3, 5))  # 1+3+5 at 8 layers
     return [f"random:layer=1,equivalent={budget}", f"fastv:layer=1,equivalent={budget}",
             f"pdrop:layers={pdrop_layers},equivalent={budget}"]
+
+
+def _family(spec: str) -> str:
+    """The column a bench row belongs to: random / fastv / pdrop / gsearch / psigmoid (schedules by file name)."""
+    if spec.startswith("schedule:"):
+        return Path(spec.partition("path=")[2]).stem.split("-")[0]
+    return spec.partition(":")[0]
+
+
+def comparison_markdown(summary: dict) -> str:
+    """One line per budget, one column per method: accuracy, then mean vision tokens and prefill FLOPs share."""
+    rows = summary["results"]
+    baseline = next(r for r in rows if r["spec"] == "baseline")
+    families = ("random", "fastv", "pdrop", "gsearch", "psigmoid")
+
+    def cell(row: dict) -> str:
+        if row.get("accuracy") is None:
+            return "skipped"
+        return (f"**{100 * row['accuracy']:.1f}%** ({row['equivalent_vision_tokens']:.0f} tok, "
+                f"{100 * row['flops_ratio']:.0f}% FLOPs)")
+
+    lines = ["| budget (mean kept) | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|",
+             f"| baseline | {cell(baseline)} |" + " |" * (len(families) - 1)]
+    own = next((r for r in rows if r["spec"].endswith("/gsearch.json")), None)
+    if own is not None:
+        lines.append("| G-Search, own point | | | | " + cell(own) + " | |")
+    reduced = rows[2:] if own is not None else rows[1:]
+    for start in range(0, len(reduced), len(families)):
+        group = {_family(r["spec"]): r for r in reduced[start:start + len(families)]}
+        budget = summary["budgets_run"][start // len(families)]
+        lines.append(f"| {budget:.1%} | " + " | ".join(cell(group[f]) if f in group else "" for f in families) + " |")
+    for budget, why in summary.get("skipped_budgets", {}).items():
+        lines.append(f"| {float(budget):.1%} | skipped: {why} |" + " |" * (len(families) - 1))
+    return "\n".join(lines)
 
 
 def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS, calibration_samples: int = 64,
@@ -86,13 +120,14 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
     own = record("gsearch", schedule, {"epsilon": epsilon, "evaluations": result.evaluations,
                                        "seconds": round(result.seconds, 1), "log": result.log})
     specs = ["baseline", f"schedule:path={own}"]
-    skipped = {}
+    skipped, budgets_run = {}, []
     for budget in budgets:
         if budget < 1 / depth - 1e-9:
             skipped[str(budget)] = (f"below 1/{depth}: layer 0 keeps every vision token, so no method reaches "
                                     f"{budget} on a {depth}-layer model")
             say(f"budget {budget}: skipped ({skipped[str(budget)]})")
             continue
+        budgets_run.append(budget)
         specs += _baselines(budget, depth)
         schedule, result, tolerance = gsearch_within(calibration, budget, grid, model_name, score_cache=scores)
         specs.append("schedule:path=" + record(f"gsearch-{budget}", schedule, {
@@ -105,11 +140,13 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
             "evaluations": len(tuned.trials), "seconds": round(tuned.seconds, 1), "trials": tuned.trials}))
     summary["searches"] = searches
     summary["skipped_budgets"] = skipped
+    summary["budgets_run"] = budgets_run
 
     rows = run_bench(BenchConfig(model=model_name, dataset=dataset, specs=specs, samples=samples, seed=seed,
                                  split="test", batch_size=batch_size, out=str(root / "bench"), progress=progress))
     summary["results"] = rows
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (root / "comparison.md").write_text(comparison_markdown(summary) + "\n")
     return summary
 
 
@@ -141,5 +178,7 @@ def _run(args: argparse.Namespace) -> int:
                           args.seed, args.objective, args.epsilon, args.grid, args.trials, args.batch_size,
                           not args.no_progress)
     print(results_markdown(summary["results"]))
+    print()
+    print(comparison_markdown(summary))
     print(f"\nwritten: {args.out}/summary.json, rank/, schedules/, bench/")
     return 0

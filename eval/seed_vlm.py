@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .tiny_models import CHECKPOINT_DIR, VOCABULARY, build_tokenizer
+from .tiny_models import CHECKPOINT_DIR, PROMPT, VOCABULARY, build_tokenizer
 
 __all__ = ["IMG_CLOSE", "IMG_OPEN", "MARKER", "SeedTrainConfig", "SeedVLM", "SeedVLMConfig", "add_subparser",
            "format_seed_prompt", "image_token", "is_seed_vlm", "main", "run_seed_bench", "train"]
@@ -46,8 +46,6 @@ __all__ = ["IMG_CLOSE", "IMG_OPEN", "MARKER", "SeedTrainConfig", "SeedVLM", "See
 MARKER = "seed_vlm.json"
 IMG_OPEN, IMG_CLOSE = "<img>", "</img>"
 _FORMAT = "mmreduce-seed-vlm/1"
-#: The format the shipped SEED-VLM was trained with: LLaVA-1.5's, the image block before the question.
-_PROMPT = "USER: {images}{question} ASSISTANT:"
 
 
 def image_token(code: int) -> str:
@@ -58,7 +56,7 @@ def image_token(code: int) -> str:
 def format_seed_prompt(question: str, ids: Sequence[int]) -> str:
     """The prompt for one image given as SEED ids, answered after "ASSISTANT:"."""
     block = IMG_OPEN + "".join(image_token(int(i)) for i in ids) + IMG_CLOSE + "\n"
-    return _PROMPT.format(images=block, question=question)
+    return PROMPT.format(images=block, question=question)
 
 
 @dataclass

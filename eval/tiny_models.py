@@ -59,16 +59,14 @@ __all__ = [
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-#: LLaVA-1.5's conversation format with the question before the image(s); `{images}` is one "<image>\n" per image.
-#: Question first: the image tokens can then read the question, which is what lets a model this small learn to
-#: pick out the asked object (eval/TRAINING.md); the answer is still read from the last prompt token.
-PROMPT = "USER: {question} {images}ASSISTANT:"
+#: LLaVA-1.5's conversation format; `{images}` is one "<image>\n" per image.
+PROMPT = "USER: {images}{question} ASSISTANT:"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }} {% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% else %} ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
 
 # Every word the benchmarks' questions and answers use (shapes, docs, video), plus the prompt words. Listed,

@@ -63,6 +63,7 @@ class TrainConfig:
     question_grounding_layers: tuple[int, ...] = ()
     curriculum: tuple[tuple[int, int], ...] = ()
     grounding_heads: int = 0
+    position_aux: bool = False
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 100
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig) -> dict:
                                     "llava_next": "LlavaNextForConditionalGeneration"}[recipe.arch]:
             raise ValueError(f"init_from={cfg.init_from!r} holds a {type(model).__name__}, not a {cfg.model}")
     n_classes = (1 + len(COLORS)) + (1 + len(SHAPES)) if recipe.benchmark == "shapes" else _DOC_CLASSES
-    grid = recipe.image_size // recipe.patch_size if recipe.arch == "llava" else 0
+    grid = recipe.image_size // recipe.patch_size if recipe.arch == "llava" and cfg.position_aux else 0
     n_classes += 2 * grid
     torch.manual_seed(cfg.seed + 1)
     head = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
@@ -508,6 +509,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "0:1,150:2,300:4,450:8 (shapes: max_objects; docs: max_fields); empty = off")
     parser.add_argument("--grounding-heads", type=int, default=defaults.grounding_heads, help="ground only the "
                         "mean of the first N heads of each grounded layer (0 = all heads)")
+    parser.add_argument("--position-aux", action="store_true", help="the per-patch heads also predict each image "
+                        "token's row and column (LLaVA-1.5 models)")
     parser.add_argument("--tie-qk-init", action="store_true", help="start the grounded layers' keys equal to "
                         "their queries")
     parser.add_argument("--deep-layers", default="", help="comma-separated decoder layers whose output at the answer "
@@ -535,6 +538,7 @@ def _run(args: argparse.Namespace) -> int:
                       stop_at=args.stop_at, grounding_weight=args.grounding_weight,
                       value_aux_weight=args.value_aux_weight, question_aux_layer=args.question_aux_layer,
                       match_layer=args.match_layer, tie_qk_init=args.tie_qk_init, grounding_heads=args.grounding_heads,
+                      position_aux=args.position_aux,
                       curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in args.curriculum.split(",")
                                        if pair.strip()),
                       question_grounding_layers=tuple(int(i) for i in args.question_grounding_layers.split(",")

@@ -117,3 +117,7 @@ def test_compare_writes_rank_schedules_and_an_equal_budget_table(tmp_path):
     reduced = [row for row in summary["results"][2:] if not row["spec"].endswith("psigmoid-0.5.json")]
     assert all(row["equivalent_vision_tokens"] <= 0.5 * 256 + 1 for row in reduced)
     assert json.loads((out / "summary.json").read_text())["searches"]["gsearch-0.5"]["evaluations"] >= 1
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].split("|")[2:7] == [" random ", " fastv ", " pdrop ", " gsearch ", " psigmoid "]
+    assert table[4].startswith("| 50.0% |") and table[4].count("% FLOPs") == 5
+    assert table[5].startswith("| 10.0% | skipped")

@@ -25,7 +25,7 @@ def test_tokenizer_is_a_closed_word_vocabulary_with_left_padding():
     tok = build_tokenizer()
     ids = tok(format_prompt("what color is the circle ?"))["input_ids"]
     words = tok.convert_ids_to_tokens(ids)
-    assert words == ["<s>", "USER", ":", "what", "color", "is", "the", "circle", "?", "<image>", "ASSISTANT", ":"]
+    assert words == ["<s>", "USER", ":", "<image>", "what", "color", "is", "the", "circle", "?", "ASSISTANT", ":"]
     assert tok.convert_ids_to_tokens(tok("zebra")["input_ids"]) == ["<s>", "<unk>"]
     batch = tok(["red", "what color"], padding=True)["input_ids"]
     assert batch[0][0] == tok.pad_token_id and batch[1][0] == tok.bos_token_id

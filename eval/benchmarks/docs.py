@@ -1,9 +1,8 @@
 """`docs`: large, mostly empty page-like images with a few small fields, for cropping (anyres) models.
 
 A page holds 2-4 fields, each a small coloured box with a seven-segment digit inside (black on light colours,
-white on dark ones), plus a few grey "text line" bars as distractors. The fields sit in one or two small clusters, so
-most crops of the page are empty paper and one or two crops hold all the information. Each field is snapped into
-one cell of a 16 px grid (the tiny LLaVA-NeXT's patch side), so its information is in one full-resolution token.
+white on dark ones), plus a few grey "text line" bars as distractors. The fields sit in one or two small clusters, so most crops of the page are
+empty paper and one or two crops hold all the information.
 
 | qtype | question | answers |
 |---|---|---|
@@ -32,7 +31,6 @@ ANSWERS: dict[str, tuple[str, ...]] = {"digit_of_color": DIGITS, "color_of_digit
 # Field geometry in pixels: a 12 x 16 box holding an 8 x 12 digit (2 px strokes) with a 2 px margin.
 _DIGIT_W, _DIGIT_H, _STROKE, _MARGIN = 8, 12, 2, 2
 _FIELD_W, _FIELD_H = _DIGIT_W + 2 * _MARGIN, _DIGIT_H + 2 * _MARGIN
-_CELL = 16  # fields are aligned to this grid (the tiny LLaVA-NeXT's patch side)
 
 
 @dataclass
@@ -98,11 +96,8 @@ def make_docs_sample(split: str, seed: int, index: int, cfg: DocsConfig | None =
         for attempt in range(400):
             # Overlapping clusters can fill up; after 200 tries the field may go anywhere on the page.
             cx0, cy0, cx1, cy1 = clusters[i % len(clusters)] if attempt < 200 else (2, 2, width - 2, height - 2)
-            # Snap to the 16 px patch grid of the crops: each field is inside exactly one full-resolution patch.
-            x = int(rng.integers(cx0, max(cx0 + 1, cx1 - _FIELD_W))) // _CELL * _CELL + (_CELL - _FIELD_W) // 2
-            y = int(rng.integers(cy0, max(cy0 + 1, cy1 - _FIELD_H))) // _CELL * _CELL + (_CELL - _FIELD_H) // 2
-            if x + _FIELD_W > width or y + _FIELD_H > height:
-                continue
+            x = int(rng.integers(cx0, max(cx0 + 1, cx1 - _FIELD_W)))
+            y = int(rng.integers(cy0, max(cy0 + 1, cy1 - _FIELD_H)))
             box = (x, y, x + _FIELD_W - 1, y + _FIELD_H - 1)
             if not any(boxes_overlap(box, other, gap=3) for other in taken):
                 break

@@ -62,7 +62,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, radius: 
     elif shape == "triangle":
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
     elif shape == "cross":
-        arm = radius // 3  # 1 px arms below radius 3, where thicker arms would fill the box like a circle
+        arm = max(1, radius // 3)
         draw.rectangle((cx - arm, y0, cx + arm, y1), fill=color)
         draw.rectangle((x0, cy - arm, x1, cy + arm), fill=color)
     else:

@@ -12,12 +12,7 @@ Question types and their closed answer sets (each exactly balanced, see `base.ba
 
 Scenes are built to make every question unambiguous (the asked shape or colour is unique when the question says
 "the"), and "no" scenes for `exists` hold distractors that share the colour or the shape, so the answer needs
-the binding of both.
-
-Every object is drawn inside one cell of a `cell` x `cell` pixel grid (the vision tower's patch grid: 8 px for
-`tiny-llava-shapes`), 5 or 7 px wide, and no two objects sit in neighbouring cells. So each object's whole
-information is in exactly one vision token, and the 1-8 objects are at most 8 of the image's 256 tokens: a
-method that keeps the right tokens keeps the answer, one that keeps a random 25% loses it three times in four.
+the binding of both. Objects cover about 5% of the image: most vision tokens are background.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from .base import Sample, balanced_answer, sample_rng
-from .draw import COLORS, SHAPES, background, draw_shape, shape_box
+from .draw import COLORS, SHAPES, background, boxes_overlap, draw_shape, shape_box
 
 __all__ = ["QTYPES", "ShapesConfig", "make_shapes_sample"]
 
@@ -56,7 +51,6 @@ class ShapesConfig:
     """
 
     image_size: int = 128
-    cell: int = 8
     min_objects: int = 1
     max_objects: int = 8
     small_fraction: float = 0.5
@@ -66,8 +60,6 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 64:
             raise ValueError(f"image_size must be an int >= 64, got {self.image_size!r}")
-        if not isinstance(self.cell, int) or self.cell < 7 or self.image_size % self.cell:
-            raise ValueError(f"cell must be an int >= 7 that divides image_size={self.image_size}, got {self.cell!r}")
         if not 1 <= self.min_objects <= self.max_objects <= 8:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 8, got min_objects={self.min_objects!r}, "
                              f"max_objects={self.max_objects!r}")
@@ -80,22 +72,26 @@ class ShapesConfig:
         if not self.qtypes or unknown:
             raise ValueError(f"qtypes must be a non-empty subset of {QTYPES}, got {self.qtypes!r}")
 
-    def radius(self, small: bool) -> int:
-        """Half-size in pixels: the shape is 2 * radius + 1 wide and fits its cell (5 / 7 px in 8 px cells)."""
-        return (self.cell - 3) // 2 if small else (self.cell - 1) // 2
+    def radius(self, rng: np.random.Generator, small: bool) -> int:
+        """Half-size in pixels: at 128 px small objects are 8-12 px wide (one or two 8 px patches), large 14-19."""
+        low, high = (0.032, 0.045) if small else (0.055, 0.075)
+        return int(round(self.image_size * rng.uniform(low, high)))
 
 
-def _place(rng: np.random.Generator, cfg: ShapesConfig, taken: set[tuple[int, int]],
+def _place(rng: np.random.Generator, cfg: ShapesConfig, radius: int, taken: list[tuple[int, int, int, int]],
            region: tuple[int, int, int, int] | None = None) -> tuple[int, int] | None:
-    """A free cell (row, col) with no taken cell among its 8 neighbours, its centre inside `region`
-    (`(x0, y0, x1, y1)` pixel bounds on the centre), or None if there is none."""
-    side = cfg.image_size // cfg.cell
-    half = cfg.cell // 2
-    x0, y0, x1, y1 = region or (0, 0, cfg.image_size - 1, cfg.image_size - 1)
-    free = [(r, c) for r in range(side) for c in range(side)
-            if x0 <= c * cfg.cell + half <= x1 and y0 <= r * cfg.cell + half <= y1
-            and not any((r + dr, c + dc) in taken for dr in (-1, 0, 1) for dc in (-1, 0, 1))]
-    return free[int(rng.integers(len(free)))] if free else None
+    """A free centre for a shape of `radius`, optionally inside `region = (x0, y0, x1, y1)` (centre bounds)."""
+    margin = radius + 2
+    x0, y0, x1, y1 = region or (margin, margin, cfg.image_size - 1 - margin, cfg.image_size - 1 - margin)
+    x0, y0 = max(x0, margin), max(y0, margin)
+    x1, y1 = min(x1, cfg.image_size - 1 - margin), min(y1, cfg.image_size - 1 - margin)
+    if x0 > x1 or y0 > y1:
+        return None
+    for _ in range(200):
+        cx, cy = int(rng.integers(x0, x1 + 1)), int(rng.integers(y0, y1 + 1))
+        if not any(boxes_overlap(shape_box(cx, cy, radius), box, gap=3) for box in taken):
+            return cx, cy
+    return None
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...], exclude: set[str] = frozenset()) -> str:
@@ -173,21 +169,19 @@ def make_shapes_sample(split: str, seed: int, index: int, cfg: ShapesConfig | No
 
     image = background(rng, (cfg.image_size, cfg.image_size), textured=bool(rng.random() < cfg.textured_fraction))
     draw = ImageDraw.Draw(image)
-    objects, taken = [], set()
+    objects, taken = [], []
     for i, spec in enumerate(specs):
         small = bool(rng.random() < cfg.small_fraction)
-        radius = cfg.radius(small)
-        cell = _place(rng, cfg, taken, regions[i] if i < len(regions) and not spec.get("distractor") else None)
-        if cell is None:
+        radius = cfg.radius(rng, small)
+        centre = _place(rng, cfg, radius, taken, regions[i] if i < len(regions) and not spec.get("distractor") else None)
+        if centre is None:
             if not spec.get("distractor"):
                 raise RuntimeError(f"shapes: no room for a target object in sample {index} of {split}")
             continue  # a crowded image simply gets one distractor fewer
-        taken.add(cell)
-        # The shape's box starts 1 px (large: 0 px) inside the cell: it never crosses into a neighbour.
-        centre = (cell[1] * cfg.cell + cfg.cell // 2 - 1, cell[0] * cfg.cell + cfg.cell // 2 - 1)
+        taken.append(shape_box(*centre, radius))
         draw_shape(draw, spec["shape"], *centre, radius, COLORS[spec["color"]])
         objects.append(dict(shape=spec["shape"], color=spec["color"], cx=centre[0], cy=centre[1], radius=radius,
-                            small=small, cell=cell, target=not spec.get("distractor", False)))
+                            small=small, target=not spec.get("distractor", False)))
 
     meta = dict(benchmark="shapes", split=split, seed=seed, index=index, qtype=qtype, objects=objects,
                 target_boxes=[shape_box(o["cx"], o["cy"], o["radius"]) for o in objects if o["target"]])
