@@ -61,6 +61,7 @@ class GroundingProbe:
         self.query: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None  # (B, T) attention_mask of the inputs
         self.targets: list[torch.Tensor] = []
+        self.negatives: list[torch.Tensor] = []  # optional, per sample: positions the targets must outscore
         self.heads = heads  # supervise the mean of the first `heads` heads only (0 = all): the others stay free
         self.values: list[torch.Tensor] = []  # per hooked layer, (B, T, Hkv * hd): what attention reads
         self._losses: list[torch.Tensor] = []
@@ -88,12 +89,20 @@ class GroundingProbe:
         for b, positions in enumerate(self.targets):
             if positions.numel():
                 self._losses.append(-torch.log(probs[b, positions].sum().clamp_min(1e-6)))
+        mean_scores = scores[:, :self.heads or None].mean(1)  # (B, T)
+        for b, (positions, negatives) in enumerate(zip(self.targets, self.negatives)):
+            if positions.numel() and negatives.numel():
+                # Contrast: the asked objects must outscore the other objects by a margin, which "look at every
+                # object alike" (enough for the mass loss above) does not satisfy.
+                gap = mean_scores[b, negatives].logsumexp(0) - mean_scores[b, positions].logsumexp(0)
+                self._losses.append(torch.nn.functional.softplus(gap + 1.0))
         return None
 
     def loss(self) -> torch.Tensor:
         """Mean over (sample, layer) of -log(attention mass on the targets); 0 if nothing was measured."""
         losses, self._losses = self._losses, []
         self.values = []
+        self.negatives = []
         self.query = None  # the hooks stay silent until the next training batch sets it again
         return torch.stack(losses).mean() if losses else torch.zeros(())
 

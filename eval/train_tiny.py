@@ -64,6 +64,7 @@ class TrainConfig:
     curriculum: tuple[tuple[int, int], ...] = ()
     grounding_heads: int = 0
     position_aux: bool = False
+    grounding_contrast: bool = False
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 100
@@ -98,6 +99,10 @@ class TrainConfig:
         if self.value_aux_weight < 0 or (self.value_aux_weight and not self.grounding_layers):
             raise ValueError(f"value_aux_weight must be >= 0 and needs grounding_layers (its layers), got "
                              f"{self.value_aux_weight!r} with grounding_layers={self.grounding_layers!r}")
+        if self.grounding_contrast and not self.grounding_layers:
+            raise ValueError("grounding_contrast needs grounding_layers")
+        if self.grounding_heads < 0:
+            raise ValueError(f"grounding_heads must be >= 0 (0 = all heads), got {self.grounding_heads!r}")
         if self.match_layer < 0:
             raise ValueError(f"match_layer must be >= 0 (0 = off), got {self.match_layer!r}")
         if self.question_aux_layer < 0:
@@ -269,6 +274,19 @@ def _dialogue(sample, cfg: TrainConfig, step: int) -> str:
     return text
 
 
+def _other_objects(sample, vision_positions: torch.Tensor, config, targets: torch.Tensor) -> torch.Tensor:
+    """Positions of the image tokens under objects that are not the asked ones (distractors); (k,) long."""
+    from dataclasses import replace
+
+    from .benchmarks.draw import shape_box
+
+    meta = sample.meta
+    boxes = ([shape_box(o["cx"], o["cy"], o["radius"]) for o in meta["objects"]] if meta["benchmark"] == "shapes"
+             else [f["box"] for f in meta["fields"]])
+    everything = target_positions(replace(sample, meta={**meta, "target_boxes": boxes}), vision_positions, config)
+    return everything[~torch.isin(everything, targets)]
+
+
 def _crowding(cfg: TrainConfig, recipe: TinyVLMConfig, step: int) -> dict:
     """Generator options of the object-count curriculum at `step` (none once it is over or when there is none).
 
@@ -305,6 +323,12 @@ def train(cfg: TrainConfig) -> dict:
     log.info("config %s", json.dumps(asdict(cfg)))
 
     recipe = TINY_MODELS[cfg.model]
+    layer_options = dict(grounding_layers=cfg.grounding_layers, deep_layers=cfg.deep_layers,
+                         question_grounding_layers=cfg.question_grounding_layers,
+                         question_aux_layer=(cfg.question_aux_layer,), match_layer=(cfg.match_layer,))
+    for name, layers in layer_options.items():
+        if any(i >= recipe.text_layers for i in layers):
+            raise ValueError(f"{name}={layers!r} names a layer past the last of {cfg.model}'s {recipe.text_layers}")
     model, processor = build_tiny(cfg.model, seed=cfg.seed)
     if cfg.init_from:  # a second stage: same architecture, weights of an earlier run (fresh optimizer)
         model = load_tiny(cfg.init_from)[0]
@@ -339,7 +363,8 @@ def train(cfg: TrainConfig) -> dict:
     probe = GroundingProbe(model, cfg.grounding_layers, cfg.grounding_heads) if cfg.grounding_layers else None
     # The answer position must first read the question's naming words (colour, shape, digit) before it can look
     # for the object they name; in shallow layers the 256 image tokens otherwise take all of its attention.
-    question_probe = GroundingProbe(model, cfg.question_grounding_layers, cfg.grounding_heads) if cfg.question_grounding_layers else None
+    question_probe = (GroundingProbe(model, cfg.question_grounding_layers, cfg.grounding_heads)
+                      if cfg.question_grounding_layers else None)
     naming_ids = torch.tensor(sorted(processor.tokenizer.convert_tokens_to_ids(w)
                                      for w in (*COLORS, *SHAPES, *"0123456789")
                                      if w in processor.tokenizer.get_vocab()))
@@ -361,18 +386,22 @@ def train(cfg: TrainConfig) -> dict:
     for step in bar:
         model.train()
         samples = load_benchmark(recipe.benchmark, "train", cfg.batch_size, seed=cfg.seed,
-                                 start=(cfg.data_offset + step) * cfg.batch_size, **options, **_crowding(cfg, recipe, step))
+                                 start=(cfg.data_offset + step) * cfg.batch_size,
+                                 **options, **_crowding(cfg, recipe, step))
         texts = [_dialogue(s, cfg, step) for s in samples]
         inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
         ids = inputs["input_ids"]
+        rows = torch.arange(ids.shape[0])
+        colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,) first ":"
         if probe is not None:
-            first_colon = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
-            probe.query, probe.key_valid = first_colon, inputs["attention_mask"]
+            probe.query, probe.key_valid = colon_at, inputs["attention_mask"]
             image_id = model.config.image_token_id
             probe.targets = [target_positions(s, (ids[b] == image_id).nonzero().squeeze(1), model.config)
                              for b, s in enumerate(samples)]
+            if cfg.grounding_contrast:
+                probe.negatives = [_other_objects(s, (ids[b] == image_id).nonzero().squeeze(1), model.config,
+                                                  probe.targets[b]) for b, s in enumerate(samples)]
         if question_probe is not None:
-            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
             naming = torch.isin(ids, naming_ids) & (torch.arange(ids.shape[1])[None] < colon_at[:, None])  # (B, T)
             question_probe.query, question_probe.key_valid = colon_at, inputs["attention_mask"]
             question_probe.targets = [row.nonzero().squeeze(1) for row in naming]
@@ -398,7 +427,8 @@ def train(cfg: TrainConfig) -> dict:
             for value_head, values in zip(value_heads, probe.values):  # values: (B, T, Hkv * hd)
                 if recipe.arch == "llava":
                     feats = values[ids == image_id].view(len(samples), -1, values.shape[-1])  # (B, N, Dv)
-                    value_aux = value_aux + _aux_loss(value_head, feats, torch.stack(targets_seq), recipe.benchmark, grid)
+                    value_aux = value_aux + _aux_loss(value_head, feats, torch.stack(targets_seq), recipe.benchmark,
+                                                      grid)
                 else:
                     feats = values[ids == image_id]  # (sum n_b, Dv), samples in batch order
                     value_aux = value_aux + _aux_loss(value_head, feats, torch.cat(targets_seq), recipe.benchmark)
@@ -406,8 +436,6 @@ def train(cfg: TrainConfig) -> dict:
         deep = torch.zeros(())
         if cfg.deep_layers:
             # The first answer read off intermediate layers through the final norm and head (deep supervision).
-            rows = torch.arange(ids.shape[0])
-            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
             answer_ids = ids[rows, colon_at + 1]  # (B,)
             language = model.model.language_model
             deep = torch.stack([torch.nn.functional.cross_entropy(
@@ -415,8 +443,6 @@ def train(cfg: TrainConfig) -> dict:
                 for layer in cfg.deep_layers]).mean()
         question_aux = torch.zeros(())
         if len(question_head):
-            rows = torch.arange(ids.shape[0])
-            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
             first_turn = torch.arange(ids.shape[1])[None] < colon_at[:, None]  # (B, T)
             image_or_pad = (ids == model.config.image_token_id) | (inputs["attention_mask"] == 0)
             words = torch.zeros(ids.shape[0], vocab)  # (B, V) multi-hot of the first turn's text tokens
@@ -426,8 +452,6 @@ def train(cfg: TrainConfig) -> dict:
             question_aux = torch.nn.functional.binary_cross_entropy_with_logits(guess, words)
         match = torch.zeros(())
         if len(match_head):
-            rows = torch.arange(ids.shape[0])
-            colon_at = ((ids[:, :-1] == assistant_id) & (ids[:, 1:] == colon_id)).int().argmax(1) + 1  # (B,)
             normed = model.model.language_model.layers[cfg.match_layer].input_layernorm(
                 output.hidden_states[cfg.match_layer])  # (B, T, D): what that layer's q/k projections read
             match = _match_loss(match_head[0], normed[ids == model.config.image_token_id],
@@ -511,6 +535,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "mean of the first N heads of each grounded layer (0 = all heads)")
     parser.add_argument("--position-aux", action="store_true", help="the per-patch heads also predict each image "
                         "token's row and column (LLaVA-1.5 models)")
+    parser.add_argument("--grounding-contrast", action="store_true", help="grounded layers also score the asked "
+                        "objects above every other object (softplus margin), not only mass on the asked ones")
     parser.add_argument("--tie-qk-init", action="store_true", help="start the grounded layers' keys equal to "
                         "their queries")
     parser.add_argument("--deep-layers", default="", help="comma-separated decoder layers whose output at the answer "
@@ -538,7 +564,7 @@ def _run(args: argparse.Namespace) -> int:
                       stop_at=args.stop_at, grounding_weight=args.grounding_weight,
                       value_aux_weight=args.value_aux_weight, question_aux_layer=args.question_aux_layer,
                       match_layer=args.match_layer, tie_qk_init=args.tie_qk_init, grounding_heads=args.grounding_heads,
-                      position_aux=args.position_aux,
+                      position_aux=args.position_aux, grounding_contrast=args.grounding_contrast,
                       curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in args.curriculum.split(",")
                                        if pair.strip()),
                       question_grounding_layers=tuple(int(i) for i in args.question_grounding_layers.split(",")

@@ -148,3 +148,31 @@ def test_attention_report_masses_add_up_and_objects_match_the_pixels():
         vision = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
         expected += last[b][:, vision[torch.from_numpy(cells.reshape(-1))]].sum(-1)
     assert report[3]["objects"] == pytest.approx((expected / 3).tolist(), abs=1e-3)
+
+
+def test_grounding_probe_losses_match_the_models_own_attention_weights():
+    """Mass and contrast terms recomputed from eager attention weights (head 0 only, `heads=1`)."""
+    from mmreduce.eval._grounding import GroundingProbe
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.tiny_models import build_tiny, format_prompt
+    from mmreduce.eval.train_tiny import _other_objects
+    from mmreduce.eval._grounding import target_positions
+
+    model, processor = build_tiny("tiny-llava-shapes", attn_implementation="eager")
+    sample = next(s for s in load_benchmark("shapes", "test", 20, seed=5) if len(s.meta["objects"]) >= 3)
+    inputs = processor(images=[sample.image], text=[format_prompt(sample.question)], return_tensors="pt")
+    ids = inputs["input_ids"]
+    vision = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+    targets = target_positions(sample, vision, model.config)
+    others = _other_objects(sample, vision, model.config, targets)
+    assert targets.numel() and others.numel() and not set(targets.tolist()) & set(others.tolist())
+    probe = GroundingProbe(model, (2,), heads=1)
+    probe.query, probe.key_valid = torch.tensor([ids.shape[1] - 1]), inputs["attention_mask"]
+    probe.targets, probe.negatives = [targets], [others]
+    with torch.no_grad():
+        weights = model(**inputs, output_attentions=True).attentions[2][0, 0, -1]  # (T,) head 0, last query
+    mass, contrast = probe._losses
+    assert float(mass) == pytest.approx(-float(weights[targets].sum().log()), rel=1e-4)
+    gap = float(weights[others].sum().log() - weights[targets].sum().log())
+    assert float(contrast) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(gap + 1.0))), rel=1e-4)
+    probe.remove()
