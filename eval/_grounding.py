@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-__all__ = ["GroundingProbe", "target_positions"]
+__all__ = ["GroundingProbe", "object_boxes", "target_positions"]
 
 
 def _boxes_to_cells(boxes, cell: int, grid_h: int, grid_w: int) -> set[tuple[int, int]]:
@@ -23,6 +23,15 @@ def _boxes_to_cells(boxes, cell: int, grid_h: int, grid_w: int) -> set[tuple[int
             for c in range(max(0, x0 // cell), min(grid_w, x1 // cell + 1)):
                 cells.add((r, c))
     return cells
+
+
+def object_boxes(sample) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes of every object in the scene (`shapes` objects or `docs` fields), asked or not."""
+    from .benchmarks.draw import shape_box
+
+    if sample.meta["benchmark"] == "shapes":
+        return [shape_box(o["cx"], o["cy"], o["radius"]) for o in sample.meta["objects"]]
+    return [f["box"] for f in sample.meta["fields"]]
 
 
 def target_positions(sample, vision_positions: torch.Tensor, config) -> torch.Tensor:

@@ -17,18 +17,11 @@ from dataclasses import replace
 
 import torch
 
-from ._grounding import target_positions
+from ._grounding import object_boxes, target_positions
 from .benchmarks import load_benchmark
-from .benchmarks.draw import shape_box
 from .tiny_models import TINY_MODELS, format_prompt, load_tiny
 
 __all__ = ["attention_mass", "main"]
-
-
-def _object_boxes(sample) -> list[tuple[int, int, int, int]]:
-    if sample.meta["benchmark"] == "shapes":
-        return [shape_box(o["cx"], o["cy"], o["radius"]) for o in sample.meta["objects"]]
-    return [f["box"] for f in sample.meta["fields"]]
 
 
 @torch.inference_mode()
@@ -48,7 +41,7 @@ def attention_mass(model, processor, samples) -> list[dict[str, list[float]]]:
         sums = {key: torch.zeros(last.shape[1]) for key in ("target", "objects", "image", "text")}
         for b, sample in enumerate(samples):
             vision = image[b].nonzero().squeeze(1)
-            everything = replace(sample, meta={**sample.meta, "target_boxes": _object_boxes(sample)})
+            everything = replace(sample, meta={**sample.meta, "target_boxes": object_boxes(sample)})
             sums["target"] += last[b][:, target_positions(sample, vision, model.config)].sum(-1)
             sums["objects"] += last[b][:, target_positions(everything, vision, model.config)].sum(-1)
             sums["image"] += last[b][:, vision].sum(-1)

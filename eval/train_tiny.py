@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ._extra_questions import extra_questions
-from ._grounding import GroundingProbe, target_positions
+from ._grounding import GroundingProbe, object_boxes, target_positions
 from .accuracy import evaluate
 from .benchmarks import load_benchmark
 from .benchmarks.draw import COLORS, SHAPES, draw_shape
@@ -224,15 +224,9 @@ def _match_loss(head: torch.nn.Linear, vision: torch.Tensor, targets: torch.Tens
     puts "square" in the same directions on the square's token and on a question about the square, which is what
     a query-key match needs (with `tie_qk_init`, the keys start as the queries).
     """
-    base = 8 if benchmark == "shapes" else 16
     n_col = 1 + len(COLORS)
     n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
-    logits = head(vision)  # (M, C)
-    colour = torch.where(targets >= 0, targets // base, -100)
-    other = torch.where(targets >= 0, targets % base, -100)
-    ce = torch.nn.functional.cross_entropy
-    loss = (ce(logits[:, :n_col], colour, ignore_index=-100)
-            + ce(logits[:, n_col:n_col + n_other], other, ignore_index=-100))
+    loss = _aux_loss(head, vision, targets, benchmark)  # the image tokens' own classes
     wanted = torch.zeros(query.shape[0], n_col + n_other)  # (B, C) multi-hot of the named classes
     for b, (colours, others) in enumerate(asked):
         wanted[b, colours] = 1.0
@@ -278,12 +272,8 @@ def _other_objects(sample, vision_positions: torch.Tensor, config, targets: torc
     """Positions of the image tokens under objects that are not the asked ones (distractors); (k,) long."""
     from dataclasses import replace
 
-    from .benchmarks.draw import shape_box
-
-    meta = sample.meta
-    boxes = ([shape_box(o["cx"], o["cy"], o["radius"]) for o in meta["objects"]] if meta["benchmark"] == "shapes"
-             else [f["box"] for f in meta["fields"]])
-    everything = target_positions(replace(sample, meta={**meta, "target_boxes": boxes}), vision_positions, config)
+    everything = target_positions(replace(sample, meta={**sample.meta, "target_boxes": object_boxes(sample)}),
+                                  vision_positions, config)
     return everything[~torch.isin(everything, targets)]
 
 
