@@ -50,21 +50,31 @@ def boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], ga
     return not (a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1])
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, radius: int, color: tuple[int, int, int]):
-    """Draw a filled `shape` of half-size `radius` centred at (cx, cy)."""
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, radius: int, color,
+               outline=None) -> None:
+    """Draw a filled `shape` of half-size `radius` centred at (cx, cy), optionally with a 1 px `outline`.
+
+    The outline lies inside the filled footprint, so a label map drawn without it covers the same pixels.
+    """
     x0, y0, x1, y1 = shape_box(cx, cy, radius)
+    edge = dict(outline=outline, width=1) if outline is not None else {}
     if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=color)
+        draw.ellipse((x0, y0, x1, y1), fill=color, **edge)
     elif shape == "square":
         # A square as wide as the circle looks bigger; shrink it so the two differ in outline, not in area.
         inset = max(1, radius // 5)
-        draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=color)
+        draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=color, **edge)
     elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color, **edge)
     elif shape == "cross":
         arm = max(1, radius // 3)
-        draw.rectangle((cx - arm, y0, cx + arm, y1), fill=color)
-        draw.rectangle((x0, cy - arm, x1, cy + arm), fill=color)
+        if outline is None:
+            draw.rectangle((cx - arm, y0, cx + arm, y1), fill=color)
+            draw.rectangle((x0, cy - arm, x1, cy + arm), fill=color)
+        else:  # one outline around the whole cross, not around each bar
+            draw.polygon([(cx - arm, y0), (cx + arm, y0), (cx + arm, cy - arm), (x1, cy - arm), (x1, cy + arm),
+                          (cx + arm, cy + arm), (cx + arm, y1), (cx - arm, y1), (cx - arm, cy + arm), (x0, cy + arm),
+                          (x0, cy - arm), (cx - arm, cy - arm)], fill=color, **edge)
     else:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
 
