@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import mmreduce
-from mmreduce.eval.tiny_models import format_prompt
+from mmreduce.eval.tiny_models import prompt_for
 
 from .methods import MethodChoice
 
@@ -58,7 +58,7 @@ class MethodResult:
 
 def prepare_inputs(processor, images, question: str) -> dict:
     """Processor outputs for one prompt holding every image (video frames count as images)."""
-    prompt = format_prompt(question, num_images=len(images))
+    prompt = prompt_for(processor, question, num_images=len(images))
     return dict(processor(images=list(images), text=[prompt], return_tensors="pt", padding=True))
 
 

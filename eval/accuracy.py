@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .benchmarks import Sample
-from .tiny_models import format_prompt
+from .tiny_models import prompt_for
 
 __all__ = ["evaluate", "generate_answers", "normalize_answer", "random_vision_mask", "scored_vision_mask"]
 
@@ -29,7 +29,7 @@ def normalize_answer(text: str) -> str:
 
 
 def _batch_inputs(processor, samples: Sequence[Sample]):
-    prompts = [format_prompt(s.question, num_images=len(s.images)) for s in samples]
+    prompts = [prompt_for(processor, s.question, num_images=len(s.images)) for s in samples]
     images = [img for s in samples for img in s.images]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 

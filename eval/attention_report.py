@@ -19,7 +19,7 @@ import torch
 
 from ._grounding import object_boxes, target_positions
 from .benchmarks import load_benchmark
-from .tiny_models import TINY_MODELS, format_prompt, load_tiny
+from .tiny_models import TINY_MODELS, load_tiny, prompt_for
 
 __all__ = ["attention_mass", "main"]
 
@@ -30,7 +30,7 @@ def attention_mass(model, processor, samples) -> list[dict[str, list[float]]]:
     token on the asked objects' tokens, on all objects' tokens, on all image tokens and on the text tokens."""
     if model.config._attn_implementation != "eager":
         raise ValueError("attention_mass needs attention weights: load the model with attn_implementation='eager'")
-    inputs = processor(images=[s.image for s in samples], text=[format_prompt(s.question) for s in samples],
+    inputs = processor(images=[s.image for s in samples], text=[prompt_for(processor, s.question) for s in samples],
                        return_tensors="pt", padding=True)
     ids = inputs["input_ids"]
     attentions = model(**inputs, output_attentions=True).attentions  # per layer (B, H, T, T)

@@ -44,6 +44,7 @@ __all__ = [
     "CHECKPOINT_DIR",
     "DOCS_VOCABULARY",
     "PROMPT",
+    "PROMPT_QUESTION_FIRST",
     "SPECIAL_TOKENS",
     "TINY_MODELS",
     "TinyVLMConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "build_tokenizer",
     "format_prompt",
     "load_tiny",
+    "prompt_for",
     "resolve_checkpoint",
     "save_tiny",
 ]
@@ -65,6 +67,16 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+#: The same turn with the question before the images, so that the image tokens can read it (causal attention):
+#: `USER: {question}\n<image>\n ASSISTANT:`. A model trained this way ships this template in its processor.
+PROMPT_QUESTION_FIRST = "USER: {question}\n{images} ASSISTANT:"
+CHAT_TEMPLATE_QUESTION_FIRST = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% else %} ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
@@ -94,6 +106,8 @@ class TinyVLMConfig:
     - words: the tokenizer's closed vocabulary (after the special tokens).
     - vision_*: CLIP tower width / depth / heads; text_*: Llama width / depth / heads / kv heads / MLP width.
     - grid_pinpoints: anyres resolutions as [height, width] (llava_next only).
+    - question_first: the prompt puts the question before the images (`PROMPT_QUESTION_FIRST`), so the image
+      tokens can condition on it; otherwise LLaVA-1.5's order (images first).
     """
 
     name: str
@@ -112,6 +126,7 @@ class TinyVLMConfig:
     text_intermediate: int = 256
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     words: tuple[str, ...] = VOCABULARY
+    question_first: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ("llava", "llava_next"):
@@ -148,11 +163,25 @@ TINY_MODELS: dict[str, TinyVLMConfig] = {
 }
 
 
-def format_prompt(question: str, num_images: int = 1) -> str:
+def format_prompt(question: str, num_images: int = 1, question_first: bool = False) -> str:
     """The prompt for `question` with `num_images` image placeholders, answered after "ASSISTANT:"."""
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images!r}")
-    return PROMPT.format(images="<image>\n" * num_images, question=question)
+    template = PROMPT_QUESTION_FIRST if question_first else PROMPT
+    return template.format(images="<image>\n" * num_images, question=question)
+
+
+def prompt_for(processor, question: str, num_images: int = 1) -> str:
+    """The prompt in the checkpoint's own format: its processor's chat template decides where the images go.
+
+    A processor without a template gets LLaVA-1.5's order (`format_prompt`).
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images!r}")
+    if not getattr(processor, "chat_template", None):
+        return format_prompt(question, num_images)
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def build_tokenizer(words: tuple[str, ...] = VOCABULARY) -> PreTrainedTokenizerFast:
@@ -181,7 +210,8 @@ def build_processor(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast | Non
         image_processor = LlavaNextImageProcessor(**common, image_grid_pinpoints=[list(p) for p in cfg.grid_pinpoints])
         cls = LlavaNextProcessor
     return cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
-               vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+               chat_template=CHAT_TEMPLATE_QUESTION_FIRST if cfg.question_first else CHAT_TEMPLATE)
 
 
 def _model_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast):

@@ -160,7 +160,7 @@ def test_generate_until_matches_the_plain_reduced_model(monkeypatch, tiny_checkp
 
 def test_loglikelihood_scores_choices_like_reduced_generation(monkeypatch, tiny_checkpoint):
     from mmreduce.eval.benchmarks import load_benchmark
-    from mmreduce.eval.tiny_models import format_prompt, load_tiny
+    from mmreduce.eval.tiny_models import load_tiny, prompt_for
 
     lm, result, samples = _evaluate(monkeypatch, "mmreduce_shapes_tiny_mc",
                                     f"pretrained={tiny_checkpoint},method=pdrop,keep_ratio=0.25,layers=2+4", 1)
@@ -169,7 +169,7 @@ def test_loglikelihood_scores_choices_like_reduced_generation(monkeypatch, tiny_
     shapes = load_benchmark("shapes", "test", 8, seed=0, image_size=128)
     with torch.no_grad(), mmreduce.wrap(model, "pdrop", keep_ratio=0.25, layers=(2, 4)) as reduced:
         for sample, logged in zip(shapes, samples):
-            inputs = processor(images=sample.images, text=[format_prompt(sample.question)], return_tensors="pt")
+            inputs = processor(images=sample.images, text=[prompt_for(processor, sample.question)], return_tensors="pt")
             out = reduced.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
                                    return_dict_in_generate=True)
             logprobs = out.logits[0][0].log_softmax(-1)
