@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from ._grounding import GroundingProbe, object_boxes, target_positions
 from .accuracy import evaluate
 from .benchmarks import load_benchmark
 from .benchmarks.draw import COLORS, SHAPES, draw_shape
-from .tiny_models import TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, load_tiny, save_tiny
+from .tiny_models import TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, load_tiny, prompt_for, save_tiny
 
 __all__ = ["TrainConfig", "add_subparser", "main", "patch_labels", "train"]
 
@@ -65,6 +65,11 @@ class TrainConfig:
     grounding_heads: int = 0
     position_aux: bool = False
     grounding_contrast: bool = False
+    question_first: bool = False
+    relevance_layer: int = 0
+    copy_layer: int = 0
+    vision_steps: int = 0
+    vision_batch_size: int = 32
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 100
@@ -78,12 +83,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model not in TINY_MODELS:
             raise ValueError(f"model must be one of {sorted(TINY_MODELS)}, got {self.model!r}")
-        for name in ("steps", "batch_size", "threads", "eval_samples"):
+        for name in ("steps", "batch_size", "threads", "eval_samples", "vision_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        for name in ("warmup", "eval_every", "aux_weight", "max_minutes", "stop_at", "data_offset", "extra_questions"):
+        for name in ("warmup", "eval_every", "aux_weight", "max_minutes", "stop_at", "data_offset", "extra_questions",
+                     "vision_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         self.grounding_layers = tuple(int(i) for i in self.grounding_layers)
@@ -103,6 +109,15 @@ class TrainConfig:
             raise ValueError("grounding_contrast needs grounding_layers")
         if self.grounding_heads < 0:
             raise ValueError(f"grounding_heads must be >= 0 (0 = all heads), got {self.grounding_heads!r}")
+        if self.question_first and self.extra_questions:
+            raise ValueError("question_first needs extra_questions=0: the image tokens can only read the question "
+                             "before them, so later turns would ask about an image conditioned on another question")
+        if self.relevance_layer < 0 or self.copy_layer < 0:
+            raise ValueError(f"relevance_layer and copy_layer must be >= 0 (0 = off), got {self.relevance_layer!r}, "
+                             f"{self.copy_layer!r}")
+        if (self.relevance_layer or self.copy_layer) and not self.question_first:
+            raise ValueError("relevance_layer and copy_layer need question_first: with the image first its tokens "
+                             "cannot see the question")
         if self.match_layer < 0:
             raise ValueError(f"match_layer must be >= 0 (0 = off), got {self.match_layer!r}")
         if self.question_aux_layer < 0:
@@ -144,12 +159,10 @@ def patch_labels(label_map: np.ndarray, patch: int, min_pixels: int) -> np.ndarr
     h, w = label_map.shape
     cells = label_map.reshape(h // patch, patch, w // patch, patch).transpose(0, 2, 1, 3)  # (gh, gw, p, p)
     cells = cells.reshape(h // patch, w // patch, patch * patch)  # (gh, gw, p*p)
-    out = np.zeros(cells.shape[:2], dtype=np.int64)
-    for (i, j), values in np.ndenumerate(cells[..., 0]):
-        ids, counts = np.unique(cells[i, j][cells[i, j] > 0], return_counts=True)
-        if len(ids) and counts.max() >= min_pixels:
-            out[i, j] = ids[counts.argmax()]
-    return out
+    counts = (cells[..., None] == np.arange(int(label_map.max()) + 1)).sum(2)  # (gh, gw, ids)
+    counts[..., 0] = 0  # background never wins
+    best = counts.argmax(-1)  # (gh, gw); ties go to the smallest id
+    return np.where(np.take_along_axis(counts, best[..., None], -1)[..., 0] >= max(1, min_pixels), best, 0)
 
 
 def _planes(label_map: np.ndarray, base: int, patch: int) -> np.ndarray:
@@ -260,9 +273,110 @@ def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tens
     return loss
 
 
+def _relevance_targets(sample, n_vision: int, config) -> torch.Tensor:
+    """Per image token, its role for the question: 0 none, 1 under an asked object, 2 under the reference object
+    of a `position` question ("relative to the X object"); (n_vision,) long, in the prompt's image-token order.
+
+    With the question before the image, every image token can work out its own role from the question and its own
+    content (a local test), so the answer position only has to find the tokens that flagged themselves. Boxes are
+    `meta["target_boxes"]` in the generator's order (for `position`, the asked object first).
+    """
+    roles = torch.zeros(n_vision, dtype=torch.long)
+    reference = 1 if sample.meta["qtype"] == "position" else None
+    for i, box in enumerate(sample.meta["target_boxes"]):
+        one = replace(sample, meta={**sample.meta, "target_boxes": [box]})
+        roles[target_positions(one, torch.arange(n_vision), config)] = 2 if i == reference else 1
+    return roles
+
+
+def _named_classes(samples, benchmark: str) -> torch.Tensor:
+    """(B, C) multi-hot of the colour and shape / digit classes each question names (`_aux_loss`'s class layout)."""
+    n_col = 1 + len(COLORS)
+    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
+    wanted = torch.zeros(len(samples), n_col + n_other)
+    for b, sample in enumerate(samples):
+        colours, others = _asked(sample, benchmark)
+        wanted[b, colours] = 1.0
+        wanted[b, [n_col + o for o in others]] = 1.0
+    return wanted
+
+
+def _patch_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str, grid: int,
+                object_focus: bool) -> torch.Tensor:
+    """`_aux_loss`, plus (with `object_focus`) the same loss over the object tokens alone.
+
+    Objects cover ~5% of the tokens, so in the plain mean the easy background dominates; a shape, unlike a colour,
+    is not readable from one patch and is learnt only when the object tokens carry their own weight.
+    """
+    loss = _aux_loss(head, features, targets, benchmark, grid)
+    if object_focus:
+        on_object = targets > 0  # (..., N)
+        if on_object.any():
+            loss = loss + _aux_loss(head, features[on_object], targets[on_object], benchmark)
+    return loss
+
+
+def _patch_accuracy(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str
+                    ) -> tuple[float, float]:
+    """Per-patch accuracy on object tokens of the colour plane and of the shape / digit plane."""
+    on_object = targets > 0
+    base = 8 if benchmark == "shapes" else 16
+    n_col = 1 + len(COLORS)
+    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
+    with torch.no_grad():
+        logits = head(features[on_object])  # (M, C)
+        wanted = targets[on_object]
+        colour = (logits[:, :n_col].argmax(-1) == wanted // base).float().mean().item()
+        other = (logits[:, n_col:n_col + n_other].argmax(-1) == wanted % base).float().mean().item()
+    return colour, other
+
+
+def _vision_warmup(cfg: TrainConfig, recipe: TinyVLMConfig, model, processor, head, captured: dict, options: dict,
+                   log: logging.Logger) -> None:
+    """Train the vision tower, projector and per-patch head alone (no language model) for `cfg.vision_steps` steps.
+
+    An image-only step costs a fraction of a full one, and what the language model later needs first, every
+    object's colour and shape in its own tokens, is exactly what the per-patch targets teach. Images come from the
+    train split far past the range the language steps use (index 5,000,000 on), so the two stages never share one.
+    """
+    from tqdm.auto import tqdm
+
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *head.parameters()]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    warm = TrainConfig(model=cfg.model, steps=cfg.vision_steps, lr=cfg.lr, warmup=min(cfg.warmup, cfg.vision_steps))
+    bar = tqdm(range(cfg.vision_steps), desc=f"vision {cfg.model}", dynamic_ncols=True)
+    for step in bar:
+        samples = load_benchmark(recipe.benchmark, "train", cfg.vision_batch_size, seed=cfg.seed,
+                                 start=5_000_000 + step * cfg.vision_batch_size, **options)
+        inputs = processor.image_processor([s.image for s in samples], return_tensors="pt")
+        sizes = inputs.get("image_sizes")
+        if recipe.arch == "llava":
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        else:
+            model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes)
+        features, targets = captured.pop("f"), _aux_targets(samples, recipe, sizes)
+        loss = _patch_loss(head, features, targets, recipe.benchmark, 0, object_focus=True)
+        for group in optim.param_groups:
+            group["lr"] = _lr_at(step, warm)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        colour, other = _patch_accuracy(head, features, targets, recipe.benchmark)
+        bar.set_postfix(loss=f"{loss.item():.3f}", colour=f"{colour:.2f}", shape=f"{other:.2f}")
+        log.info("vision step %d patch_loss %.4f object_colour_acc %.3f object_shape_acc %.3f lr %.2e", step,
+                 loss.item(), colour, other, _lr_at(step, warm))
+
+
+def _question_first(processor) -> bool:
+    """Whether a checkpoint's own prompt puts the question before the image."""
+    return not prompt_for(processor, "?").startswith("USER: <image>")
+
+
 def _dialogue(sample, cfg: TrainConfig, step: int) -> str:
     """The sample's own question first (the test format), then extra turns about the same image."""
-    text = f"{format_prompt(sample.question)} {sample.answer}</s>"
+    text = f"{format_prompt(sample.question, question_first=cfg.question_first)} {sample.answer}</s>"
     for question, answer in extra_questions(sample, cfg.extra_questions, cfg.seed):
         text += f"USER: {question} ASSISTANT: {answer}</s>"
     return text
@@ -315,13 +429,19 @@ def train(cfg: TrainConfig) -> dict:
     recipe = TINY_MODELS[cfg.model]
     layer_options = dict(grounding_layers=cfg.grounding_layers, deep_layers=cfg.deep_layers,
                          question_grounding_layers=cfg.question_grounding_layers,
-                         question_aux_layer=(cfg.question_aux_layer,), match_layer=(cfg.match_layer,))
+                         question_aux_layer=(cfg.question_aux_layer,), match_layer=(cfg.match_layer,),
+                         relevance_layer=(cfg.relevance_layer,), copy_layer=(cfg.copy_layer,))
     for name, layers in layer_options.items():
         if any(i >= recipe.text_layers for i in layers):
             raise ValueError(f"{name}={layers!r} names a layer past the last of {cfg.model}'s {recipe.text_layers}")
-    model, processor = build_tiny(cfg.model, seed=cfg.seed)
+    if cfg.question_first:
+        recipe = replace(recipe, question_first=True)
+    model, processor = build_tiny(recipe, seed=cfg.seed)
     if cfg.init_from:  # a second stage: same architecture, weights of an earlier run (fresh optimizer)
-        model = load_tiny(cfg.init_from)[0]
+        model, earlier = load_tiny(cfg.init_from)
+        if _question_first(earlier) != cfg.question_first:
+            raise ValueError(f"init_from={cfg.init_from!r} was trained with the other prompt order "
+                             f"(question_first={not cfg.question_first})")
         if type(model).__name__ != {"llava": "LlavaForConditionalGeneration",
                                     "llava_next": "LlavaNextForConditionalGeneration"}[recipe.arch]:
             raise ValueError(f"init_from={cfg.init_from!r} holds a {type(model).__name__}, not a {cfg.model}")
@@ -343,6 +463,9 @@ def train(cfg: TrainConfig) -> dict:
     n_match = (1 + len(COLORS)) + ((1 + len(SHAPES)) if recipe.benchmark == "shapes" else 11)
     match_head = torch.nn.ModuleList(
         [torch.nn.Linear(model.config.text_config.hidden_size, n_match)] if cfg.match_layer else [])
+    width = model.config.text_config.hidden_size
+    relevance_head = torch.nn.ModuleList([torch.nn.Linear(width, 3)] if cfg.relevance_layer else [])
+    copy_head = torch.nn.ModuleList([torch.nn.Linear(width, n_match)] if cfg.copy_layer else [])
     if cfg.tie_qk_init and not cfg.init_from:
         for index in cfg.grounding_layers:  # keys start equal to queries: q.k is then >= 0 for matching content
             attn = model.model.language_model.layers[index].self_attn
@@ -350,6 +473,11 @@ def train(cfg: TrainConfig) -> dict:
                 attn.k_proj.weight.copy_(attn.q_proj.weight[:attn.k_proj.weight.shape[0]])
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("f", o))
+    vision_start = time.time()
+    if cfg.vision_steps:
+        _vision_warmup(cfg, recipe, model, processor, head, captured,
+                       {**recipe.benchmark_options, **({"qtypes": tuple(cfg.qtypes)} if cfg.qtypes else {})}, log)
+    vision_wall_time = time.time() - vision_start
     probe = GroundingProbe(model, cfg.grounding_layers, cfg.grounding_heads) if cfg.grounding_layers else None
     # The answer position must first read the question's naming words (colour, shape, digit) before it can look
     # for the object they name; in shallow layers the 256 image tokens otherwise take all of its attention.
@@ -359,7 +487,7 @@ def train(cfg: TrainConfig) -> dict:
                                      for w in (*COLORS, *SHAPES, *"0123456789")
                                      if w in processor.tokenizer.get_vocab()))
     params = [*model.parameters(), *head.parameters(), *value_heads.parameters(), *question_head.parameters(),
-              *match_head.parameters()]
+              *match_head.parameters(), *relevance_head.parameters(), *copy_head.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -396,7 +524,8 @@ def train(cfg: TrainConfig) -> dict:
             question_probe.query, question_probe.key_valid = colon_at, inputs["attention_mask"]
             question_probe.targets = [row.nonzero().squeeze(1) for row in naming]
         output = model(**inputs, output_hidden_states=bool(cfg.deep_layers or cfg.question_aux_layer
-                                                           or cfg.match_layer))
+                                                           or cfg.match_layer or cfg.relevance_layer
+                                                           or cfg.copy_layer))
         logits = output.logits  # (B, T, V)
         # Loss on every answer word and the </s> after it: predicted from the ":" after "ASSISTANT" and from
         # the answer word itself.
@@ -408,8 +537,10 @@ def train(cfg: TrainConfig) -> dict:
         pred = logits[:, :-1][src[:, :-1]]  # (n_targets, V)
         targets = ids[:, 1:][src[:, :-1]]  # (n_targets,)
         answer_loss = torch.nn.functional.cross_entropy(pred, targets)
-        aux = _aux_loss(head, captured.pop("f"), _aux_targets(samples, recipe, inputs.get("image_sizes")),
-                        recipe.benchmark, grid)
+        patch_targets = _aux_targets(samples, recipe, inputs.get("image_sizes"))
+        features = captured.pop("f")
+        aux = _patch_loss(head, features, patch_targets, recipe.benchmark, grid, object_focus=bool(cfg.vision_steps))
+        patch_colour, patch_shape = _patch_accuracy(head, features, patch_targets, recipe.benchmark)
         value_aux = torch.zeros(())
         if len(value_heads):
             image_id = model.config.image_token_id
@@ -447,10 +578,26 @@ def train(cfg: TrainConfig) -> dict:
             match = _match_loss(match_head[0], normed[ids == model.config.image_token_id],
                                 torch.cat(_sequence_targets(samples, recipe)), normed[rows, colon_at],
                                 [_asked(s_, recipe.benchmark) for s_ in samples], recipe.benchmark)
+        relevance = torch.zeros(())
+        image_mask = ids == model.config.image_token_id  # (B, T)
+        if len(relevance_head):
+            states = output.hidden_states[cfg.relevance_layer][image_mask]  # (sum n_b, D), samples in batch order
+            roles = torch.cat([_relevance_targets(s_, int(image_mask[b].sum()), model.config)
+                               for b, s_ in enumerate(samples)])  # (sum n_b,)
+            # Asked objects cover ~1% of the tokens: weight the roles up so "never relevant" is not a cheap optimum.
+            relevance = torch.nn.functional.cross_entropy(relevance_head[0](states), roles,
+                                                          weight=torch.tensor([1.0, 20.0, 20.0]))
+        if len(copy_head):
+            states = output.hidden_states[cfg.copy_layer]  # (B, T, D)
+            named = _named_classes(samples, recipe.benchmark)  # (B, C)
+            guess = copy_head[0](states)  # (B, T, C)
+            copy_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                guess[image_mask], named[:, None].expand(-1, ids.shape[1], -1)[image_mask])
+            relevance = relevance + copy_loss * named.shape[1] / 2
         grounding = probe.loss() if probe is not None else torch.zeros(())
         if question_probe is not None:
             grounding = grounding + question_probe.loss()
-        loss = (match + answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
+        loss = (relevance + match + answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
                 + cfg.value_aux_weight * value_aux + deep + question_aux * vocab / 8)
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, cfg)
@@ -462,11 +609,12 @@ def train(cfg: TrainConfig) -> dict:
         first_acc = (pred.argmax(-1) == targets).float().mean().item()  # over all answer and </s> targets
         bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux.item():.3f}", ground=f"{grounding.item():.3f}",
                         vaux=f"{value_aux.item():.3f}", deep=f"{deep.item():.3f}", q=f"{question_aux.item():.3f}",
-                        match=f"{match.item():.3f}",
+                        match=f"{match.item():.3f}", rel=f"{relevance.item():.3f}",
                         acc=f"{first_acc:.2f}")
         log.info("step %d loss %.4f aux %.4f batch_acc %.3f ground %.4f value_aux %.4f deep %.4f question_aux %.4f "
-                 "match %.4f lr %.2e elapsed %.0fs", step, answer_loss.item(), aux.item(), first_acc, grounding.item(),
-                 value_aux.item(), deep.item(), question_aux.item(), match.item(), _lr_at(step, cfg),
+                 "match %.4f relevance %.4f object_colour_acc %.3f object_shape_acc %.3f lr %.2e elapsed %.0fs", step,
+                 answer_loss.item(), aux.item(), first_acc, grounding.item(), value_aux.item(), deep.item(),
+                 question_aux.item(), match.item(), relevance.item(), patch_colour, patch_shape, _lr_at(step, cfg),
                  time.time() - start)
         last = step == cfg.steps - 1
         over_time = bool(cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes)
@@ -485,7 +633,9 @@ def train(cfg: TrainConfig) -> dict:
     for grounding_probe in (probe, question_probe):
         if grounding_probe is not None:
             grounding_probe.remove()
-    summary = dict(config=asdict(cfg), wall_time_s=round(time.time() - start, 1), history=history)
+    # wall_time_s covers the language steps (their `elapsed_s` counts from the same start); the vision stage apart.
+    summary = dict(config=asdict(cfg), wall_time_s=round(time.time() - start, 1),
+                   vision_wall_time_s=round(vision_wall_time, 1), history=history)
     previous = Path(cfg.init_from) / "train_config.json" if cfg.init_from else None
     if previous is not None and previous.is_file():
         summary["previous_stage"] = json.loads(previous.read_text())
@@ -527,6 +677,17 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "token's row and column (LLaVA-1.5 models)")
     parser.add_argument("--grounding-contrast", action="store_true", help="grounded layers also score the asked "
                         "objects above every other object (softplus margin), not only mass on the asked ones")
+    parser.add_argument("--question-first", action="store_true", help="train with the question before the image "
+                        "(the checkpoint ships that prompt order in its chat template); needs --extra-questions 0")
+    parser.add_argument("--relevance-layer", type=int, default=defaults.relevance_layer, help="train the image "
+                        "tokens' input to this decoder layer to tell their role for the question (not asked / asked "
+                        "object / reference object); needs --question-first; 0 = off")
+    parser.add_argument("--copy-layer", type=int, default=defaults.copy_layer, help="train the image tokens' input "
+                        "to this decoder layer to tell which colours and shapes the question names; 0 = off")
+    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps, help="image-only steps that "
+                        "train the vision tower, projector and per-patch head before the language steps (and weight "
+                        "the object tokens in the per-patch loss throughout); 0 = off")
+    parser.add_argument("--vision-batch-size", type=int, default=defaults.vision_batch_size)
     parser.add_argument("--tie-qk-init", action="store_true", help="start the grounded layers' keys equal to "
                         "their queries")
     parser.add_argument("--deep-layers", default="", help="comma-separated decoder layers whose output at the answer "
@@ -555,6 +716,9 @@ def _run(args: argparse.Namespace) -> int:
                       value_aux_weight=args.value_aux_weight, question_aux_layer=args.question_aux_layer,
                       match_layer=args.match_layer, tie_qk_init=args.tie_qk_init, grounding_heads=args.grounding_heads,
                       position_aux=args.position_aux, grounding_contrast=args.grounding_contrast,
+                      question_first=args.question_first, relevance_layer=args.relevance_layer,
+                      copy_layer=args.copy_layer, vision_steps=args.vision_steps,
+                      vision_batch_size=args.vision_batch_size,
                       curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in args.curriculum.split(",")
                                        if pair.strip()),
                       question_grounding_layers=tuple(int(i) for i in args.question_grounding_layers.split(",")

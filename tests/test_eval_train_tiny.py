@@ -176,3 +176,93 @@ def test_grounding_probe_losses_match_the_models_own_attention_weights():
     gap = float(weights[others].sum().log() - weights[targets].sum().log())
     assert float(contrast) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(gap + 1.0))), rel=1e-4)
     probe.remove()
+
+
+def test_relevance_roles_mark_the_cells_under_each_asked_object():
+    """Roles against pixel arithmetic: a cell is under an object when the object's box meets the cell's 8 px square;
+    the reference object of a `position` question (the second box) gets role 2, the asked one role 1."""
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.tiny_models import build_tiny
+    from mmreduce.eval.train_tiny import _relevance_targets
+
+    model, _ = build_tiny("tiny-llava-shapes")
+    samples = load_benchmark("shapes", "test", 10, seed=4)  # two of each question type
+    assert {s.meta["qtype"] for s in samples} >= {"position", "count", "exists"}
+    for sample in samples:
+        expected = torch.zeros(256, dtype=torch.long)
+        for i, (x0, y0, x1, y1) in enumerate(sample.meta["target_boxes"]):
+            for cell in range(256):
+                r, c = divmod(cell, 16)
+                if x0 <= 8 * c + 7 and x1 >= 8 * c and y0 <= 8 * r + 7 and y1 >= 8 * r:
+                    expected[cell] = 2 if sample.meta["qtype"] == "position" and i == 1 else 1
+        roles = _relevance_targets(sample, 256, model.config)
+        assert torch.equal(roles, expected)
+        if sample.meta["qtype"] == "position":
+            assert set(roles.unique().tolist()) == {0, 1, 2}
+        if sample.meta["qtype"] == "exists" and sample.answer == "no":
+            assert roles.sum() == 0  # nothing in the image is the asked object
+
+
+def test_question_first_prompts_come_from_the_checkpoints_own_template(tmp_path):
+    from dataclasses import replace
+
+    from mmreduce.eval.tiny_models import TINY_MODELS, build_processor, format_prompt, prompt_for
+    from mmreduce.eval.train_tiny import _question_first
+
+    question = "what color is the circle ?"
+    image_first = build_processor(TINY_MODELS["tiny-llava-shapes"])
+    question_first = build_processor(replace(TINY_MODELS["tiny-llava-shapes"], question_first=True))
+    assert prompt_for(image_first, question, 2) == format_prompt(question, 2) == \
+        "USER: <image>\n<image>\nwhat color is the circle ? ASSISTANT:"
+    assert prompt_for(question_first, question) == format_prompt(question, question_first=True) == \
+        "USER: what color is the circle ?\n<image>\n ASSISTANT:"
+    ids = question_first.tokenizer(prompt_for(question_first, question))["input_ids"]
+    words = question_first.tokenizer.convert_ids_to_tokens(ids)
+    assert words.index("circle") < words.index("<image>") < words.index("ASSISTANT")
+    assert not _question_first(image_first) and _question_first(question_first)
+    question_first.save_pretrained(tmp_path)  # the order travels with the checkpoint
+    from transformers import AutoProcessor
+
+    assert _question_first(AutoProcessor.from_pretrained(tmp_path, local_files_only=True))
+    for bad, message in [(dict(question_first=True), "extra_questions=0"),
+                         (dict(relevance_layer=3, extra_questions=0), "question_first"),
+                         (dict(question_first=True, extra_questions=0, copy_layer=-1), "copy_layer")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+
+
+def test_question_first_run_with_a_vision_warmup_ships_its_prompt_order(tmp_path, monkeypatch):
+    """The new recipe end to end for two steps: image-only steps first (logged), then language steps with the
+    relevance and copy heads; the checkpoint answers prompts in its own (question-first) order."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mmreduce.eval.tiny_models import load_tiny, prompt_for
+
+    out = tmp_path / "qf"
+    train(TrainConfig(model="tiny-llava-shapes", steps=1, batch_size=2, eval_every=0, eval_samples=2, out=str(out),
+                      question_first=True, extra_questions=0, relevance_layer=3, copy_layer=2, grounding_layers=(3,),
+                      vision_steps=2, vision_batch_size=2))
+    log = (tmp_path / "qf.train.log").read_text()
+    assert "vision step 1 patch_loss" in log and "step 0 loss" in log and "object_shape_acc" in log
+    _, processor = load_tiny(out)
+    assert prompt_for(processor, "what color is the circle ?").startswith("USER: what color is the circle ?")
+    with pytest.raises(ValueError, match="prompt order"):
+        train(TrainConfig(model="tiny-llava-shapes", steps=1, batch_size=2, eval_every=0, eval_samples=2,
+                          init_from=str(out), out=str(tmp_path / "other")))
+
+
+def test_patch_loss_object_focus_adds_the_object_tokens_mean():
+    from mmreduce.eval.train_tiny import _aux_loss, _patch_accuracy, _patch_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 12)
+    features = torch.randn(2, 5, 4)
+    targets = torch.tensor([[0, 0, 8 * 2 + 3, 0, 0], [8 * 1 + 1, 0, 0, 0, 0]])  # two object tokens
+    plain = _patch_loss(head, features, targets, "shapes", 0, object_focus=False)
+    focused = _patch_loss(head, features, targets, "shapes", 0, object_focus=True)
+    assert torch.allclose(plain, _aux_loss(head, features, targets, "shapes"))
+    objects = _aux_loss(head, features[targets > 0], targets[targets > 0], "shapes")
+    assert torch.allclose(focused - plain, objects)
+    logits = head(features[targets > 0])
+    colour = (logits[:, :7].argmax(-1) == torch.tensor([2, 1])).float().mean().item()
+    shape = (logits[:, 7:12].argmax(-1) == torch.tensor([3, 1])).float().mean().item()
+    assert _patch_accuracy(head, features, targets, "shapes") == (colour, shape)
