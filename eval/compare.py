@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUDGETS", "add_subparser", "comparison_markdown", "run_compare"]
+__all__ = ["DEFAULT_BUDGETS", "add_subparser", "comparison_markdown", "plot_comparison", "run_compare"]
 
 #: 192 / 128 / 64 of LLaVA-1.5's 576 tokens. With layer 0 always full, an L-layer model cannot go below 1/L on
 #: average (12.5% at 8 layers), so budgets under that are reported as skipped; `--budgets` picks others.
@@ -147,7 +147,25 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
     summary["results"] = rows
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (root / "comparison.md").write_text(comparison_markdown(summary) + "\n")
+    plot_comparison(summary, root / "accuracy_vs_flops.png")
     return summary
+
+
+def _family(spec: str) -> str:
+    """The plot label of a bench spec: searched schedules by what searched them (file `gsearch-0.333.json` ->
+    `gsearch`), every other method by its registered name."""
+    if spec.startswith("schedule:path="):
+        return Path(spec.split("=", 1)[1]).stem.split("-")[0]
+    return spec.split(":")[0]
+
+
+def plot_comparison(summary: dict, path) -> None:
+    """Accuracy against prefill FLOPs, one line per method, G-Search and P-Sigmoid apart (the bench plot draws
+    every searched schedule as one `schedule` line)."""
+    from .harness import plot_results
+
+    rows = [{**r, "spec": _family(r["spec"])} for r in summary["results"]]
+    plot_results(rows, path, title=f"{summary['model']} on {summary['dataset']}: equal-budget comparison")
 
 
 def add_subparser(subparsers) -> None:

@@ -121,3 +121,8 @@ def test_compare_writes_rank_schedules_and_an_equal_budget_table(tmp_path):
     assert table[0].split("|")[2:7] == [" random ", " fastv ", " pdrop ", " gsearch ", " psigmoid "]
     assert table[4].startswith("| 50.0% |") and table[4].count("% FLOPs") == 5
     assert table[5].startswith("| 10.0% | skipped")
+    from mmreduce.eval.compare import _family
+
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 1000
+    assert [_family(spec) for spec in specs] == ["baseline", "gsearch", "random", "fastv", "pdrop", "gsearch",
+                                                 "psigmoid"]
