@@ -1,8 +1,8 @@
 """Tiny LLaVA-1.5 / LLaVA-NeXT models built from the stock transformers classes, with their own tokenizer.
 
-    from mmreduce.eval.tiny_models import load_tiny, format_prompt
+    from mmreduce.eval.tiny_models import load_tiny, prompt_for
     model, processor = load_tiny("tiny-llava-shapes")          # bundled checkpoint, offline
-    inputs = processor(images=[image], text=[format_prompt(question)], return_tensors="pt")
+    inputs = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
 
 Two recipes are registered in `TINY_MODELS`:
 
@@ -16,6 +16,8 @@ Two recipes are registered in `TINY_MODELS`:
 The tokenizer is a `tokenizers` WordLevel model over a closed vocabulary (question and answer words of all the
 benchmarks, the prompt words, and the special tokens `<pad> <s> </s> <unk> <image>`), wrapped in
 `PreTrainedTokenizerFast`, left padding. Answers are single words, so greedy decoding gives `answer </s>`.
+Each checkpoint's processor carries its chat template, which fixes where the images go (the shipped ones put the
+question first); `prompt_for` builds prompts from it.
 """
 
 from __future__ import annotations

@@ -357,12 +357,7 @@ def _vision_warmup(cfg: TrainConfig, recipe: TinyVLMConfig, model, processor, he
             model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes)
         features, targets = captured.pop("f"), _aux_targets(samples, recipe, sizes)
         loss = _patch_loss(head, features, targets, recipe.benchmark, 0, object_focus=True)
-        for group in optim.param_groups:
-            group["lr"] = _lr_at(step, warm)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        _optimizer_step(optim, params, loss, _lr_at(step, warm))
         colour, other = _patch_accuracy(head, features, targets, recipe.benchmark)
         bar.set_postfix(loss=f"{loss.item():.3f}", colour=f"{colour:.2f}", shape=f"{other:.2f}")
         log.info("vision step %d patch_loss %.4f object_colour_acc %.3f object_shape_acc %.3f lr %.2e", step,
@@ -403,6 +398,16 @@ def _crowding(cfg: TrainConfig, recipe: TinyVLMConfig, step: int) -> dict:
     if recipe.benchmark == "shapes":
         return {"min_objects": 1, "max_objects": min(8, current[-1])}
     return {"min_fields": 2, "max_fields": min(6, max(2, current[-1]))}
+
+
+def _optimizer_step(optim: torch.optim.Optimizer, params: list, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1."""
+    for group in optim.param_groups:
+        group["lr"] = lr
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -599,12 +604,7 @@ def train(cfg: TrainConfig) -> dict:
             grounding = grounding + question_probe.loss()
         loss = (relevance + match + answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
                 + cfg.value_aux_weight * value_aux + deep + question_aux * vocab / 8)
-        for group in optim.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        _optimizer_step(optim, params, loss, _lr_at(step, cfg))
 
         first_acc = (pred.argmax(-1) == targets).float().mean().item()  # over all answer and </s> targets
         bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux.item():.3f}", ground=f"{grounding.item():.3f}",

@@ -22,6 +22,29 @@ def test_patch_labels_take_the_majority_id_above_a_pixel_floor():
     assert (patch_labels(label_map, 2, min_pixels=3) == np.array([[0, 0], [0, 5]])).all()
 
 
+def test_patch_labels_match_a_per_cell_count_on_random_maps():
+    """The vectorised count against a plain per-cell loop (np.unique), ties going to the smallest id."""
+
+    def per_cell(label_map, patch, min_pixels):
+        h, w = label_map.shape
+        out = np.zeros((h // patch, w // patch), dtype=np.int64)
+        for i in range(h // patch):
+            for j in range(w // patch):
+                cell = label_map[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].ravel()
+                ids, counts = np.unique(cell[cell > 0], return_counts=True)
+                if len(ids) and counts.max() >= min_pixels:
+                    out[i, j] = ids[counts.argmax()]
+        return out
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        blocks = np.kron(rng.integers(0, 110, (4, 4)), np.ones((4, 4), dtype=np.int64))
+        label_map = blocks * (rng.random((16, 16)) < 0.7) if trial % 2 else rng.integers(0, 5, (16, 16))
+        for min_pixels in (1, 3, 6):
+            assert (patch_labels(label_map, 4, min_pixels) == per_cell(label_map, 4, min_pixels)).all()
+    assert (patch_labels(np.zeros((8, 8), dtype=np.int64), 4, 1) == 0).all()
+
+
 def test_cli_hook_parses_and_sets_func():
     parser = argparse.ArgumentParser()
     add_subparser(parser.add_subparsers(dest="command"))
