@@ -229,24 +229,17 @@ def _asked(sample, benchmark: str) -> tuple[list[int], list[int]]:
 
 
 def _match_loss(head: torch.nn.Linear, vision: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
-                asked: list[tuple[list[int], list[int]]], benchmark: str) -> torch.Tensor:
+                named: torch.Tensor, benchmark: str) -> torch.Tensor:
     """One attribute read-out shared by the image tokens and the answer position, at one layer's attention input.
 
     vision: (M, D) normalised image-token states with (M,) packed per-patch ids (-100 = none); query: (B, D) the
-    answer position's; asked: per sample, the colour and shape/digit classes its question names. Sharing the head
-    puts "square" in the same directions on the square's token and on a question about the square, which is what
-    a query-key match needs (with `tie_qk_init`, the keys start as the queries).
+    answer position's; named: (B, C) multi-hot of the classes each question names (`_named_classes`). Sharing the
+    head puts "square" in the same directions on the square's token and on a question about the square, which is
+    what a query-key match needs (with `tie_qk_init`, the keys start as the queries).
     """
-    n_col = 1 + len(COLORS)
-    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
     loss = _aux_loss(head, vision, targets, benchmark)  # the image tokens' own classes
-    wanted = torch.zeros(query.shape[0], n_col + n_other)  # (B, C) multi-hot of the named classes
-    for b, (colours, others) in enumerate(asked):
-        wanted[b, colours] = 1.0
-        wanted[b, [n_col + o for o in others]] = 1.0
-    wanted[:, 0] = wanted[:, n_col] = 0.0  # "none" classes are never named
-    guess = head(query)[:, :n_col + n_other]  # (B, C)
-    return loss + torch.nn.functional.binary_cross_entropy_with_logits(guess, wanted) * (n_col + n_other) / 2
+    guess = head(query)[:, :named.shape[1]]  # (B, C)
+    return loss + torch.nn.functional.binary_cross_entropy_with_logits(guess, named) * named.shape[1] / 2
 
 
 def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str,
@@ -478,10 +471,11 @@ def train(cfg: TrainConfig) -> dict:
                 attn.k_proj.weight.copy_(attn.q_proj.weight[:attn.k_proj.weight.shape[0]])
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("f", o))
+    # An optional question-type subset (a curriculum stage) applies to training and calibration alike.
+    options = {**recipe.benchmark_options, **({"qtypes": tuple(cfg.qtypes)} if cfg.qtypes else {})}
     vision_start = time.time()
     if cfg.vision_steps:
-        _vision_warmup(cfg, recipe, model, processor, head, captured,
-                       {**recipe.benchmark_options, **({"qtypes": tuple(cfg.qtypes)} if cfg.qtypes else {})}, log)
+        _vision_warmup(cfg, recipe, model, processor, head, captured, options, log)
     vision_wall_time = time.time() - vision_start
     probe = GroundingProbe(model, cfg.grounding_layers, cfg.grounding_heads) if cfg.grounding_layers else None
     # The answer position must first read the question's naming words (colour, shape, digit) before it can look
@@ -499,8 +493,6 @@ def train(cfg: TrainConfig) -> dict:
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     assistant_id = processor.tokenizer.convert_tokens_to_ids("ASSISTANT")
     colon_id = processor.tokenizer.convert_tokens_to_ids(":")
-    # An optional question-type subset (a curriculum stage) applies to training and calibration alike.
-    options = {**recipe.benchmark_options, **({"qtypes": tuple(cfg.qtypes)} if cfg.qtypes else {})}
     calib = load_benchmark(recipe.benchmark, "calibration", cfg.eval_samples, seed=cfg.seed, **options)
 
     start = time.time()
@@ -582,7 +574,7 @@ def train(cfg: TrainConfig) -> dict:
                 output.hidden_states[cfg.match_layer])  # (B, T, D): what that layer's q/k projections read
             match = _match_loss(match_head[0], normed[ids == model.config.image_token_id],
                                 torch.cat(_sequence_targets(samples, recipe)), normed[rows, colon_at],
-                                [_asked(s_, recipe.benchmark) for s_ in samples], recipe.benchmark)
+                                _named_classes(samples, recipe.benchmark), recipe.benchmark)
         relevance = torch.zeros(())
         image_mask = ids == model.config.image_token_id  # (B, T)
         if len(relevance_head):
@@ -708,24 +700,28 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the arguments of the same names (fields without an option, e.g. weight_decay, keep their
+    defaults); list-valued fields arrive comma-separated."""
+    from dataclasses import fields
+
+    def items(text: str) -> list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    lists = dict(
+        grounding_layers=tuple(int(i) for i in items(args.grounding_layers)),
+        deep_layers=tuple(int(i) for i in items(args.deep_layers)),
+        question_grounding_layers=tuple(int(i) for i in items(args.question_grounding_layers)),
+        qtypes=tuple(items(args.qtypes)),
+        curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in items(args.curriculum)),
+    )
+    plain = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name not in lists and hasattr(args, f.name)}
+    return TrainConfig(**plain, **lists)
+
+
 def _run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                      aux_weight=args.aux_weight, extra_questions=args.extra_questions, seed=args.seed, eval_every=args.eval_every,
-                      eval_samples=args.eval_samples, threads=args.threads, max_minutes=args.max_minutes,
-                      stop_at=args.stop_at, grounding_weight=args.grounding_weight,
-                      value_aux_weight=args.value_aux_weight, question_aux_layer=args.question_aux_layer,
-                      match_layer=args.match_layer, tie_qk_init=args.tie_qk_init, grounding_heads=args.grounding_heads,
-                      position_aux=args.position_aux, grounding_contrast=args.grounding_contrast,
-                      question_first=args.question_first, relevance_layer=args.relevance_layer,
-                      copy_layer=args.copy_layer, vision_steps=args.vision_steps,
-                      vision_batch_size=args.vision_batch_size,
-                      curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in args.curriculum.split(",")
-                                       if pair.strip()),
-                      question_grounding_layers=tuple(int(i) for i in args.question_grounding_layers.split(",")
-                                                      if i.strip()),
-                      deep_layers=tuple(int(i) for i in args.deep_layers.split(",") if i.strip()),
-                      qtypes=tuple(q for q in args.qtypes.split(",") if q.strip()),
-                      grounding_layers=tuple(int(i) for i in args.grounding_layers.split(",") if i.strip()), init_from=args.init_from, data_offset=args.data_offset, out=args.out)
+    cfg = _config_from_args(args)
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))
     return 0
