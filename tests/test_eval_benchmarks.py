@@ -112,6 +112,30 @@ def test_docs_answers_follow_from_the_fields():
         assert (np.abs(pixels - np.median(pixels)).max(axis=2) > 40).mean() < 0.1
 
 
+def test_docs_fields_each_fill_one_grid_cell_and_free_placement_straddles():
+    from mmreduce.eval.benchmarks.docs import DocsConfig
+    from mmreduce.eval.benchmarks.draw import COLORS
+
+    def cells(sample, grid):
+        pixels = np.asarray(sample.image).astype(int)  # (H, W, 3)
+        out = []
+        for f in sample.meta["fields"]:
+            # The field's own colour, read from the pixels (not from meta), bounds it: its colour is unique on the page.
+            ys, xs = np.nonzero((np.abs(pixels - np.array(COLORS[f["color"]])).max(axis=2) == 0))
+            assert (xs.min(), ys.min(), xs.max(), ys.max()) == tuple(f["box"])
+            out.append({(x // grid, y // grid) for x in (xs.min(), xs.max()) for y in (ys.min(), ys.max())})
+        return out
+
+    gridded = [c for s in load_benchmark("docs", "test", 40, seed=2) for c in cells(s, 16)]
+    assert gridded and all(len(c) == 1 for c in gridded)
+    free = [c for s in load_benchmark("docs", "test", 40, seed=2, field_grid=0) for c in cells(s, 16)]
+    assert sum(len(c) > 1 for c in free) > len(free) // 2
+    with pytest.raises(ValueError, match="field_grid"):
+        DocsConfig(field_grid=8)
+    with pytest.raises(ValueError, match="multiples"):
+        DocsConfig(page_sizes=((136, 128),))
+
+
 def test_video_clip_is_deterministic_and_readable_with_decord_and_pyav(tmp_path):
     decord = pytest.importorskip("decord")
     av = pytest.importorskip("av")

@@ -2,7 +2,9 @@
 
 A page holds 2-4 fields, each a small coloured box with a seven-segment digit inside (black on light colours,
 white on dark ones), plus a few grey "text line" bars as distractors. The fields sit in one or two small clusters, so most crops of the page are
-empty paper and one or two crops hold all the information.
+empty paper and one or two crops hold all the information. Like form fields on a layout grid, each field lies inside
+one cell of a 16 px grid (a small random offset within the cell), so that a 16 px patch sees a whole digit: a digit
+cut across four patches could only be read by a vision tower much larger than the tiny ones trained here.
 
 | qtype | question | answers |
 |---|---|---|
@@ -41,12 +43,15 @@ class DocsConfig:
       pinpoints, so the crops see the page without resampling).
     - min_fields, max_fields: fields per page.
     - max_lines: most grey text-line bars per page.
+    - field_grid: each field lies inside one cell of a grid this many pixels wide (match the model's patch size);
+      0 places fields anywhere.
     """
 
     page_sizes: tuple[tuple[int, int], ...] = ((128, 128),)
     min_fields: int = 2
     max_fields: int = 4
     max_lines: int = 3
+    field_grid: int = 16
 
     def __post_init__(self) -> None:
         self.page_sizes = tuple(tuple(int(v) for v in s) for s in self.page_sizes)
@@ -57,6 +62,12 @@ class DocsConfig:
                              f"max_fields={self.max_fields!r}")
         if not 0 <= self.max_lines <= 8:
             raise ValueError(f"max_lines must be in [0, 8], got {self.max_lines!r}")
+        if not isinstance(self.field_grid, int) or not (self.field_grid == 0 or self.field_grid >= _FIELD_H):
+            raise ValueError(f"field_grid must be 0 or an int >= {_FIELD_H} (a field is {_FIELD_W} x {_FIELD_H} px), "
+                             f"got {self.field_grid!r}")
+        if self.field_grid and any(side % self.field_grid for s in self.page_sizes for side in s):
+            raise ValueError(f"with field_grid={self.field_grid}, page sides must be multiples of it, "
+                             f"got page_sizes={self.page_sizes!r}")
 
 
 def _cluster_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
@@ -98,6 +109,10 @@ def make_docs_sample(split: str, seed: int, index: int, cfg: DocsConfig | None =
             cx0, cy0, cx1, cy1 = clusters[i % len(clusters)] if attempt < 200 else (2, 2, width - 2, height - 2)
             x = int(rng.integers(cx0, max(cx0 + 1, cx1 - _FIELD_W)))
             y = int(rng.integers(cy0, max(cy0 + 1, cy1 - _FIELD_H)))
+            if cfg.field_grid:  # move into the grid cell holding (x, y), at a random offset that keeps it inside
+                g = cfg.field_grid
+                x = x - x % g + int(rng.integers(0, g - _FIELD_W + 1))
+                y = y - y % g + int(rng.integers(0, g - _FIELD_H + 1))
             box = (x, y, x + _FIELD_W - 1, y + _FIELD_H - 1)
             if not any(boxes_overlap(box, other, gap=3) for other in taken):
                 break
