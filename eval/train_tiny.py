@@ -33,7 +33,7 @@ from .benchmarks import load_benchmark
 from .benchmarks.draw import COLORS, SHAPES, draw_shape
 from .tiny_models import TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, load_tiny, prompt_for, save_tiny
 
-__all__ = ["TrainConfig", "add_subparser", "main", "patch_labels", "train"]
+__all__ = ["TrainConfig", "add_subparser", "finishing_stage", "main", "patch_labels", "train"]
 
 _COLOR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # 0 = background
 _SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
@@ -692,6 +692,12 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this long; 0 = never")
     parser.add_argument("--stop-at", type=int, default=0, help="stop (and save) after this many steps; the LR "
                         "schedule still follows --steps; 0 = run all steps")
+    parser.add_argument("--finish-steps", type=int, default=0, help="then a finishing stage of this many steps from "
+                        "the weights just trained (fresh optimizer, no image-only steps, the data after the first "
+                        "stage's), the same as a second command with --init-from OUT --data-offset STEPS")
+    parser.add_argument("--finish-qtypes", default="", help="question types of the finishing stage (default: as above)")
+    parser.add_argument("--finish-lr", type=float, default=5e-4)
+    parser.add_argument("--finish-warmup", type=int, default=20)
     parser.add_argument("--init-from", default="", help="start from the weights of this checkpoint directory")
     parser.add_argument("--data-offset", type=int, default=0,
                         help="skip this many batches of the train stream (a second stage sees new samples)")
@@ -720,10 +726,28 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**plain, **lists)
 
 
+def finishing_stage(cfg: TrainConfig, steps: int, qtypes: tuple[str, ...], lr: float, warmup: int) -> TrainConfig:
+    """The second stage of a two-stage command: from `cfg.out`'s weights, on the training data after `cfg`'s, with
+    a fresh optimizer and no image-only steps (so the per-patch loss is the plain mean), into the same folder."""
+    if steps < 1:
+        raise ValueError(f"finish_steps must be >= 1, got {steps!r}")
+    if qtypes:  # the generator rejects unknown question types here, not after the first stage's hour
+        recipe = TINY_MODELS[cfg.model]
+        load_benchmark(recipe.benchmark, "train", 1, seed=cfg.seed, **{**recipe.benchmark_options, "qtypes": qtypes})
+    return replace(cfg, init_from=cfg.out, data_offset=cfg.data_offset + cfg.steps, steps=steps,
+                   qtypes=tuple(qtypes) or cfg.qtypes, lr=lr, warmup=warmup, vision_steps=0, max_minutes=0.0,
+                   stop_at=0)
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
-    summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))
+    stages = [cfg]
+    if args.finish_steps:  # validated before the first stage runs, so a typo does not cost a whole run
+        qtypes = tuple(q.strip() for q in args.finish_qtypes.split(",") if q.strip())
+        stages.append(finishing_stage(cfg, args.finish_steps, qtypes, args.finish_lr, args.finish_warmup))
+    for stage in stages:
+        summary = train(stage)
+        print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))
     return 0
 
 

@@ -273,6 +273,29 @@ def test_question_first_run_with_a_vision_warmup_ships_its_prompt_order(tmp_path
                           init_from=str(out), out=str(tmp_path / "other")))
 
 
+def test_finishing_stage_runs_as_a_second_stage_from_the_first_stages_weights(tmp_path, monkeypatch):
+    """`--finish-steps` = a second command with --init-from OUT --data-offset STEPS: one log, two configs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mmreduce.eval.train_tiny import main
+
+    out = tmp_path / "two"
+    common = ["tiny-llava-shapes", "--steps", "2", "--batch-size", "2", "--eval-every", "0", "--eval-samples", "2",
+              "--question-first", "--extra-questions", "0", "--vision-steps", "1", "--vision-batch-size", "2",
+              "--out", str(out)]
+    with pytest.raises(ValueError, match="qtypes"):  # before the first stage: nothing is trained or written
+        main([*common, "--finish-steps", "1", "--finish-qtypes", "count,nope"])
+    assert not out.exists()
+    assert main([*common, "--finish-steps", "1", "--finish-qtypes", "count", "--finish-lr", "1e-4"]) == 0
+    configs = [json.loads(line.split(" config ", 1)[1]) for line in (tmp_path / "two.train.log").read_text().splitlines()
+               if " config " in line]
+    assert len(configs) == 2
+    first, second = configs
+    assert (first["init_from"], first["vision_steps"], first["qtypes"]) == ("", 1, [])
+    assert second["init_from"] == str(out) and second["data_offset"] == 2 and second["steps"] == 1
+    assert (second["vision_steps"], second["qtypes"], second["lr"]) == (0, ["count"], 1e-4)
+    assert json.loads((out / "train_config.json").read_text())["config"]["steps"] == 1  # the last stage's
+
+
 def test_patch_loss_object_focus_adds_the_object_tokens_mean():
     from mmreduce.eval.train_tiny import _aux_loss, _patch_accuracy, _patch_loss
 
