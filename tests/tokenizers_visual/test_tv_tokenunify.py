@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmreduce.tokenizers_visual.tokenunify.data import affinities, make_volume
-from mmreduce.tokenizers_visual.tokenunify.experiment import unpatchify_affinities
+from mmreduce.tokenizers_visual.tokenunify.experiment import (fit_neighbour_regression, neighbour_context,
+                                                              unpatchify_affinities)
 from mmreduce.tokenizers_visual.tokenunify.mamba import BiMambaBlock, MambaMixer, selective_scan
 from mmreduce.tokenizers_visual.tokenunify.model import TokenUnifyConfig, TokenUnifyModel
 from mmreduce.tokenizers_visual.tokenunify.segment import segment_affinities, segmentation_scores
@@ -151,3 +152,26 @@ def test_config_validation():
         TokenUnifyConfig(volume=(8, 30, 30), patch=(2, 8, 8))
     with pytest.raises(ValueError, match="width"):
         TokenUnifyConfig(width=0)
+
+
+def test_neighbour_context_hand_values_and_regression_recovers_a_linear_rule():
+    # A 2 x 2 x 3 token grid with scalar tokens 0..11 in raster order (slab, row, column).
+    x = torch.arange(12.0).reshape(1, 12, 1)
+    context = neighbour_context(x.expand(3, -1, -1), torch.tensor([0, 4, 10]), (2, 2, 3))
+    # token 0: no neighbours; token 4 (slab 0, row 1, col 1): left 3, above 1, no slab; token 10: left 9, above 7, slab 4
+    assert context.tolist() == [[0, 0, 0, 1], [3, 1, 0, 1], [9, 7, 4, 1]]
+    # Tokens built by a known causal linear rule are predicted exactly by the fitted regression.
+    gen = torch.Generator().manual_seed(0)
+    grid, batch = (2, 3, 4), 40
+    tokens = torch.zeros(batch, 24, 2)
+    tokens[:, 0] = torch.rand(batch, 2, generator=gen)
+    for k in range(1, 24):
+        left, above, slab = neighbour_context(tokens, torch.full((batch,), k), grid)[:, :6].split(2, dim=1)
+        tokens[:, k] = 0.5 * left + 0.25 * above.flip(1) - 0.2 * slab + 0.1
+    weights = fit_neighbour_regression(tokens, grid, ridge=1e-6)
+    k = torch.arange(1, 24).repeat(batch)
+    rows = torch.arange(batch).repeat_interleave(23)
+    predicted = neighbour_context(tokens[rows], k, grid) @ weights
+    assert (predicted - tokens[rows, k]).abs().max() < 1e-3
+    # The mean token, by contrast, is far off: the test has something to detect.
+    assert (tokens[rows, k] - tokens[rows, k].mean(0)).abs().max() > 0.1

@@ -23,8 +23,8 @@ from .model import TokenUnifyConfig, TokenUnifyModel
 from .segment import segment_affinities, segmentation_scores
 from .tokens import patchify, prefix_corrupt, random_token_corrupt, sample_prefix, unpatchify
 
-__all__ = ["evaluate_prediction", "evaluate_rollout", "finetune_segmentation", "ground_truth_ceiling", "pretrain",
-           "unpatchify_affinities"]
+__all__ = ["evaluate_prediction", "evaluate_rollout", "finetune_segmentation", "fit_neighbour_regression",
+           "ground_truth_ceiling", "neighbour_context", "pretrain", "unpatchify_affinities"]
 
 POOL_SEED, TEST_SEED, SEG_POOL_SEED, SEG_TEST_SEED = 0, 7, 11, 13
 
@@ -34,7 +34,7 @@ def _pool(n: int, seed: int, config: TokenUnifyConfig) -> tuple[Tensor, Tensor]:
 
 
 def pretrain(objective: str, steps: int, out: str | Path, init: str | Path | None = None, seed: int = 0,
-             batch: int = 8, lr: float = 2e-3, log_path: str | Path | None = None,
+             batch: int = 32, lr: float = 2e-3, log_path: str | Path | None = None,
              config: TokenUnifyConfig | None = None, pool_size: int = 800) -> TokenUnifyModel:
     """Train `steps` steps of one objective ("masked", "next" or "tokenunify" = next + next-all) and save.
 
@@ -54,20 +54,57 @@ def pretrain(objective: str, steps: int, out: str | Path, init: str | Path | Non
     t0 = time.time()
     train_steps(model.parameters(), step, steps, lr, warmup=min(50, steps // 4 + 1), betas=(0.9, 0.95),
                 log_path=log_path, desc=f"tokenunify-{objective}")
-    history = [*history, {"objective": objective, "steps": steps, "seed": seed, "seconds": round(time.time() - t0)}]
+    history = [*history, {"objective": objective, "steps": steps, "seed": seed, "batch": batch, "lr": lr,
+                          "seconds": round(time.time() - t0)}]
     model.save(out, extra={"history": history})
     return model.eval()
+
+
+def neighbour_context(x: Tensor, k: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """The causal neighbours of token k: one step back along each grid axis (previous token in the row, the one
+    above, the one in the previous slab), zeros where that step leaves the grid, and a constant 1.
+
+    x: (B, K, P) raster tokens of a (g0[, g1], g_last) token grid; k: (B,) positions -> (B, len(grid) * P + 1).
+    Every neighbour precedes k in raster order, so a predictor built on them sees only the given prefix.
+    """
+    strides = [int(np.prod(grid[a + 1:])) for a in range(len(grid))]  # raster stride of each axis
+    rows = torch.arange(x.shape[0])
+    parts = []
+    for axis in reversed(range(len(grid))):
+        coord = (k // strides[axis]) % grid[axis]  # (B,)
+        back = x[rows, (k - strides[axis]).clamp(min=0)]  # (B, P)
+        parts.append(torch.where((coord > 0)[:, None], back, torch.zeros_like(back)))
+    return torch.cat([*parts, x.new_ones(x.shape[0], 1)], dim=1)
+
+
+def fit_neighbour_regression(x: Tensor, grid: tuple[int, ...], ridge: float = 1.0) -> Tensor:
+    """Least squares (ridge) of every token k >= 1 on `neighbour_context`, over all volumes of x (B, K, P).
+
+    Returns W (len(grid) * P + 1, P): the prediction of token k is neighbour_context(x, k, grid) @ W. A linear
+    reference for how predictable the next token is from its prefix at all.
+    """
+    b, n_tokens, _ = x.shape
+    k = torch.arange(1, n_tokens).repeat(b)  # (B * (K - 1),)
+    rows = torch.arange(b).repeat_interleave(n_tokens - 1)
+    context = neighbour_context(x[rows], k, grid)  # (B * (K - 1), C)
+    target = x[rows, k]  # (B * (K - 1), P)
+    gram = context.T @ context + ridge * torch.eye(context.shape[1])
+    return torch.linalg.solve(gram, context.T @ target)
 
 
 @torch.no_grad()
 def evaluate_prediction(models: dict[str, TokenUnifyModel], n: int = 64, seed: int = 0) -> dict[str, dict]:
     """Held-out next-token MSE (next head, and pixel head at position k) and masked-token MSE per model,
-    with copy-previous and mean-token baselines. k ~ U{1..K-1} per volume from `seed`."""
+    with copy-previous, mean-token and linear-neighbour baselines (`fit_neighbour_regression` on the pretraining
+    pool). k ~ U{1..K-1} per volume from `seed`."""
     config = next(iter(models.values())).config
     test, _ = _pool(n, TEST_SEED, config)
     x = patchify(test, config.patch)  # (n, K, P)
     pool, _ = _pool(200, POOL_SEED, config)
-    mean_token = patchify(pool, config.patch).mean(dim=(0, 1))  # (P,) mean training token
+    pool_tokens = patchify(pool, config.patch)  # (200, K, P)
+    mean_token = pool_tokens.mean(dim=(0, 1))  # (P,) mean training token
+    grid = tuple(v // p for v, p in zip(config.volume, config.patch))
+    linear = fit_neighbour_regression(pool_tokens, grid)
     gen = torch.Generator().manual_seed(seed)
     k = sample_prefix(n, x.shape[1], gen)
     corrupted, target = prefix_corrupt(x, k, "noise", gen)
@@ -77,6 +114,7 @@ def evaluate_prediction(models: dict[str, TokenUnifyModel], n: int = 64, seed: i
         "baseline_copy_previous": {"next_mse": F.mse_loss(x[rows, k - 1], target).item()},
         "baseline_mean_token": {"next_mse": F.mse_loss(mean_token.expand_as(target), target).item(),
                                 "masked_mse": F.mse_loss(mean_token.expand_as(x[mask]), x[mask]).item()},
+        "baseline_linear_neighbours": {"next_mse": F.mse_loss(neighbour_context(x, k, grid) @ linear, target).item()},
     }
     for name, model in models.items():
         model.eval()
@@ -94,7 +132,7 @@ def evaluate_rollout(models: dict[str, TokenUnifyModel], start: int = 16, length
     """Autoregressive roll-out: given tokens < start, predict token start, write it in, predict the next, ...
 
     Returns per model the MSE at roll-out steps 1..length (averaged over n held-out volumes), plus the
-    copy-last-given-token baseline.
+    copy-last-given-token baseline and the linear-neighbour predictor (`fit_neighbour_regression`) rolled out.
     """
     config = next(iter(models.values())).config
     if not 1 <= start < start + length <= config.num_tokens:
@@ -105,6 +143,15 @@ def evaluate_rollout(models: dict[str, TokenUnifyModel], start: int = 16, length
     k0 = torch.full((n,), start)
     base, _ = prefix_corrupt(x, k0, "noise", gen)
     out = {"baseline_copy_last": [F.mse_loss(x[:, start - 1], x[:, start + j]).item() for j in range(length)]}
+    # The linear-neighbour predictor rolled out the same way: its own predictions become its neighbours.
+    grid = tuple(v // p for v, p in zip(config.volume, config.patch))
+    linear = fit_neighbour_regression(patchify(_pool(200, POOL_SEED, config)[0], config.patch), grid)
+    seq, errs = x.clone(), []
+    for j in range(length):
+        position = torch.full((n,), start + j)
+        seq[:, start + j] = neighbour_context(seq, position, grid) @ linear  # (n, P)
+        errs.append(F.mse_loss(seq[:, start + j], x[:, start + j]).item())
+    out["baseline_linear_neighbours"] = errs
     for name, model in models.items():
         model.eval()
         seq, errs = base.clone(), []
@@ -176,10 +223,12 @@ def pretrain_cli(args: argparse.Namespace) -> None:
     if args.objective == "tokenunify" and not args.init:
         # Full two-stage schedule in one call: random-token stage, then next + next-all.
         stage1 = Path(args.out) / "stage1-masked"
-        pretrain("masked", args.steps, stage1, seed=args.seed, log_path=args.log)
-        pretrain("tokenunify", args.steps, args.out, init=stage1, seed=args.seed, log_path=args.log)
+        pretrain("masked", args.steps, stage1, seed=args.seed, batch=args.batch_size, lr=args.lr, log_path=args.log)
+        pretrain("tokenunify", args.steps, args.out, init=stage1, seed=args.seed, batch=args.batch_size, lr=args.lr,
+                 log_path=args.log)
     else:
-        pretrain(args.objective, args.steps, args.out, init=args.init, seed=args.seed, log_path=args.log)
+        pretrain(args.objective, args.steps, args.out, init=args.init, seed=args.seed, batch=args.batch_size,
+                 lr=args.lr, log_path=args.log)
 
 
 def _named(pairs: list[str]) -> dict[str, str]:
