@@ -696,8 +696,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "the weights just trained (fresh optimizer, no image-only steps, the data after the first "
                         "stage's), the same as a second command with --init-from OUT --data-offset STEPS")
     parser.add_argument("--finish-qtypes", default="", help="question types of the finishing stage (default: as above)")
-    parser.add_argument("--finish-lr", type=float, default=5e-4)
-    parser.add_argument("--finish-warmup", type=int, default=20)
+    parser.add_argument("--finish-lr", type=float, default=None, help="learning rate of the finishing stage (5e-4)")
+    parser.add_argument("--finish-warmup", type=int, default=None, help="warm-up steps of the finishing stage (20)")
     parser.add_argument("--init-from", default="", help="start from the weights of this checkpoint directory")
     parser.add_argument("--data-offset", type=int, default=0,
                         help="skip this many batches of the train stream (a second stage sees new samples)")
@@ -742,9 +742,16 @@ def finishing_stage(cfg: TrainConfig, steps: int, qtypes: tuple[str, ...], lr: f
 def _run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     stages = [cfg]
+    finish_options = {"--finish-qtypes": args.finish_qtypes or None, "--finish-lr": args.finish_lr,
+                      "--finish-warmup": args.finish_warmup}
+    if not args.finish_steps and any(v is not None for v in finish_options.values()):
+        given = [name for name, v in finish_options.items() if v is not None]
+        raise ValueError(f"{', '.join(given)} need --finish-steps N (the finishing stage's length)")
     if args.finish_steps:  # validated before the first stage runs, so a typo does not cost a whole run
         qtypes = tuple(q.strip() for q in args.finish_qtypes.split(",") if q.strip())
-        stages.append(finishing_stage(cfg, args.finish_steps, qtypes, args.finish_lr, args.finish_warmup))
+        lr = 5e-4 if args.finish_lr is None else args.finish_lr
+        warmup = 20 if args.finish_warmup is None else args.finish_warmup
+        stages.append(finishing_stage(cfg, args.finish_steps, qtypes, lr, warmup))
     for stage in stages:
         summary = train(stage)
         print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))

@@ -284,6 +284,8 @@ def test_finishing_stage_runs_as_a_second_stage_from_the_first_stages_weights(tm
               "--out", str(out)]
     with pytest.raises(ValueError, match="qtypes"):  # before the first stage: nothing is trained or written
         main([*common, "--finish-steps", "1", "--finish-qtypes", "count,nope"])
+    with pytest.raises(ValueError, match="--finish-lr need --finish-steps"):
+        main([*common, "--finish-lr", "1e-4"])
     assert not out.exists()
     assert main([*common, "--finish-steps", "1", "--finish-qtypes", "count", "--finish-lr", "1e-4"]) == 0
     configs = [json.loads(line.split(" config ", 1)[1]) for line in (tmp_path / "two.train.log").read_text().splitlines()
