@@ -37,7 +37,15 @@ __all__ = ["TrainConfig", "add_subparser", "finishing_stage", "main", "patch_lab
 
 _COLOR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # 0 = background
 _SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
-_DOC_CLASSES = (1 + len(COLORS)) + (1 + 10)  # (none + mark colours) + (none + digits 0-9)
+
+
+def _class_layout(benchmark: str) -> tuple[int, int, int]:
+    """(packing base, colour classes, shape / digit classes) of the per-patch ids (see `_label_map`): ids pack
+    (colour, shape) as colour * 8 + shape on `shapes` and (mark colour, digit) as colour * 16 + digit on `docs`;
+    both class counts include "none"."""
+    if benchmark == "shapes":
+        return 8, 1 + len(COLORS), 1 + len(SHAPES)
+    return 16, 1 + len(COLORS), 1 + 10
 
 
 @dataclass
@@ -250,11 +258,9 @@ def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tens
     column, so that the tokens carry where they are (the `position` questions compare two objects' places).
     """
     logits = head(features)  # (..., N, C)
-    base = 8 if benchmark == "shapes" else 16  # packing of (colour, shape) / (mark colour, digit), see _label_map
+    base, n_col, n_other = _class_layout(benchmark)
     colour = torch.where(targets >= 0, targets // base, -100)
     other = torch.where(targets >= 0, targets % base, -100)
-    n_col = 1 + len(COLORS)
-    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
     ce = torch.nn.functional.cross_entropy
     loss = (ce(logits[..., :n_col].flatten(0, -2), colour.flatten(), ignore_index=-100)
             + ce(logits[..., n_col:n_col + n_other].flatten(0, -2), other.flatten(), ignore_index=-100))
@@ -284,8 +290,7 @@ def _relevance_targets(sample, n_vision: int, config) -> torch.Tensor:
 
 def _named_classes(samples, benchmark: str) -> torch.Tensor:
     """(B, C) multi-hot of the colour and shape / digit classes each question names (`_aux_loss`'s class layout)."""
-    n_col = 1 + len(COLORS)
-    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
+    _, n_col, n_other = _class_layout(benchmark)
     wanted = torch.zeros(len(samples), n_col + n_other)
     for b, sample in enumerate(samples):
         colours, others = _asked(sample, benchmark)
@@ -313,9 +318,7 @@ def _patch_accuracy(head: torch.nn.Linear, features: torch.Tensor, targets: torc
                     ) -> tuple[float, float]:
     """Per-patch accuracy on object tokens of the colour plane and of the shape / digit plane."""
     on_object = targets > 0
-    base = 8 if benchmark == "shapes" else 16
-    n_col = 1 + len(COLORS)
-    n_other = (1 + len(SHAPES)) if benchmark == "shapes" else (1 + 10)
+    base, n_col, n_other = _class_layout(benchmark)
     with torch.no_grad():
         logits = head(features[on_object])  # (M, C)
         wanted = targets[on_object]
@@ -443,9 +446,10 @@ def train(cfg: TrainConfig) -> dict:
         if type(model).__name__ != {"llava": "LlavaForConditionalGeneration",
                                     "llava_next": "LlavaNextForConditionalGeneration"}[recipe.arch]:
             raise ValueError(f"init_from={cfg.init_from!r} holds a {type(model).__name__}, not a {cfg.model}")
-    n_classes = (1 + len(COLORS)) + (1 + len(SHAPES)) if recipe.benchmark == "shapes" else _DOC_CLASSES
+    _, n_col, n_other = _class_layout(recipe.benchmark)
+    n_match = n_col + n_other  # the colour and shape / digit classes
     grid = recipe.image_size // recipe.patch_size if recipe.arch == "llava" and cfg.position_aux else 0
-    n_classes += 2 * grid
+    n_classes = n_match + 2 * grid  # the per-patch head also predicts row and column with --position-aux
     torch.manual_seed(cfg.seed + 1)
     head = torch.nn.Linear(model.config.text_config.hidden_size, n_classes)
     # Value heads: the same per-patch targets read from each grounded layer's value vectors, so that what the
@@ -458,7 +462,6 @@ def train(cfg: TrainConfig) -> dict:
     vocab = model.config.text_config.vocab_size
     question_head = torch.nn.ModuleList(
         [torch.nn.Linear(model.config.text_config.hidden_size, vocab)] if cfg.question_aux_layer else [])
-    n_match = (1 + len(COLORS)) + ((1 + len(SHAPES)) if recipe.benchmark == "shapes" else 11)
     match_head = torch.nn.ModuleList(
         [torch.nn.Linear(model.config.text_config.hidden_size, n_match)] if cfg.match_layer else [])
     width = model.config.text_config.hidden_size
@@ -706,37 +709,41 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _items(text: str) -> list[str]:
+    """The non-empty items of a comma-separated option value."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the arguments of the same names (fields without an option, e.g. weight_decay, keep their
     defaults); list-valued fields arrive comma-separated."""
     from dataclasses import fields
 
-    def items(text: str) -> list[str]:
-        return [item.strip() for item in text.split(",") if item.strip()]
-
     lists = dict(
-        grounding_layers=tuple(int(i) for i in items(args.grounding_layers)),
-        deep_layers=tuple(int(i) for i in items(args.deep_layers)),
-        question_grounding_layers=tuple(int(i) for i in items(args.question_grounding_layers)),
-        qtypes=tuple(items(args.qtypes)),
-        curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in items(args.curriculum)),
+        grounding_layers=tuple(int(i) for i in _items(args.grounding_layers)),
+        deep_layers=tuple(int(i) for i in _items(args.deep_layers)),
+        question_grounding_layers=tuple(int(i) for i in _items(args.question_grounding_layers)),
+        qtypes=tuple(_items(args.qtypes)),
+        curriculum=tuple(tuple(int(v) for v in pair.split(":")) for pair in _items(args.curriculum)),
     )
     plain = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name not in lists and hasattr(args, f.name)}
     return TrainConfig(**plain, **lists)
 
 
-def finishing_stage(cfg: TrainConfig, steps: int, qtypes: tuple[str, ...], lr: float, warmup: int) -> TrainConfig:
+def finishing_stage(cfg: TrainConfig, steps: int, qtypes: tuple[str, ...] = (), lr: float | None = None,
+                    warmup: int | None = None) -> TrainConfig:
     """The second stage of a two-stage command: from `cfg.out`'s weights, on the training data after `cfg`'s, with
-    a fresh optimizer and no image-only steps (so the per-patch loss is the plain mean), into the same folder."""
+    a fresh optimizer and no image-only steps (so the per-patch loss is the plain mean), into the same folder.
+    Question types default to `cfg`'s, the learning rate to 5e-4 and the warm-up to 20 steps."""
     if steps < 1:
         raise ValueError(f"finish_steps must be >= 1, got {steps!r}")
     if qtypes:  # the generator rejects unknown question types here, not after the first stage's hour
         recipe = TINY_MODELS[cfg.model]
         load_benchmark(recipe.benchmark, "train", 1, seed=cfg.seed, **{**recipe.benchmark_options, "qtypes": qtypes})
     return replace(cfg, init_from=cfg.out, data_offset=cfg.data_offset + cfg.steps, steps=steps,
-                   qtypes=tuple(qtypes) or cfg.qtypes, lr=lr, warmup=warmup, vision_steps=0, max_minutes=0.0,
-                   stop_at=0)
+                   qtypes=tuple(qtypes) or cfg.qtypes, lr=5e-4 if lr is None else lr,
+                   warmup=20 if warmup is None else warmup, vision_steps=0, max_minutes=0.0, stop_at=0)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -748,10 +755,8 @@ def _run(args: argparse.Namespace) -> int:
         given = [name for name, v in finish_options.items() if v is not None]
         raise ValueError(f"{', '.join(given)} need --finish-steps N (the finishing stage's length)")
     if args.finish_steps:  # validated before the first stage runs, so a typo does not cost a whole run
-        qtypes = tuple(q.strip() for q in args.finish_qtypes.split(",") if q.strip())
-        lr = 5e-4 if args.finish_lr is None else args.finish_lr
-        warmup = 20 if args.finish_warmup is None else args.finish_warmup
-        stages.append(finishing_stage(cfg, args.finish_steps, qtypes, lr, warmup))
+        stages.append(finishing_stage(cfg, args.finish_steps, tuple(_items(args.finish_qtypes)), args.finish_lr,
+                                      args.finish_warmup))
     for stage in stages:
         summary = train(stage)
         print(json.dumps({k: summary[k] for k in ("wall_time_s", "history")}, indent=2))

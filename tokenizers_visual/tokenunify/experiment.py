@@ -33,6 +33,11 @@ def _pool(n: int, seed: int, config: TokenUnifyConfig) -> tuple[Tensor, Tensor]:
     return make_volumes(n, tuple(config.volume), seed)
 
 
+def _reference_tokens(config: TokenUnifyConfig) -> Tensor:
+    """(200, K, P) tokens of the first 200 pretraining volumes: what the mean-token and linear baselines fit."""
+    return patchify(_pool(200, POOL_SEED, config)[0], config.patch)
+
+
 def pretrain(objective: str, steps: int, out: str | Path, init: str | Path | None = None, seed: int = 0,
              batch: int = 32, lr: float = 2e-3, log_path: str | Path | None = None,
              config: TokenUnifyConfig | None = None, pool_size: int = 800) -> TokenUnifyModel:
@@ -100,11 +105,9 @@ def evaluate_prediction(models: dict[str, TokenUnifyModel], n: int = 64, seed: i
     config = next(iter(models.values())).config
     test, _ = _pool(n, TEST_SEED, config)
     x = patchify(test, config.patch)  # (n, K, P)
-    pool, _ = _pool(200, POOL_SEED, config)
-    pool_tokens = patchify(pool, config.patch)  # (200, K, P)
+    pool_tokens = _reference_tokens(config)  # (200, K, P)
     mean_token = pool_tokens.mean(dim=(0, 1))  # (P,) mean training token
-    grid = tuple(v // p for v, p in zip(config.volume, config.patch))
-    linear = fit_neighbour_regression(pool_tokens, grid)
+    linear = fit_neighbour_regression(pool_tokens, config.grid)
     gen = torch.Generator().manual_seed(seed)
     k = sample_prefix(n, x.shape[1], gen)
     corrupted, target = prefix_corrupt(x, k, "noise", gen)
@@ -114,7 +117,7 @@ def evaluate_prediction(models: dict[str, TokenUnifyModel], n: int = 64, seed: i
         "baseline_copy_previous": {"next_mse": F.mse_loss(x[rows, k - 1], target).item()},
         "baseline_mean_token": {"next_mse": F.mse_loss(mean_token.expand_as(target), target).item(),
                                 "masked_mse": F.mse_loss(mean_token.expand_as(x[mask]), x[mask]).item()},
-        "baseline_linear_neighbours": {"next_mse": F.mse_loss(neighbour_context(x, k, grid) @ linear, target).item()},
+        "baseline_linear_neighbours": {"next_mse": F.mse_loss(neighbour_context(x, k, config.grid) @ linear, target).item()},
     }
     for name, model in models.items():
         model.eval()
@@ -144,12 +147,11 @@ def evaluate_rollout(models: dict[str, TokenUnifyModel], start: int = 16, length
     base, _ = prefix_corrupt(x, k0, "noise", gen)
     out = {"baseline_copy_last": [F.mse_loss(x[:, start - 1], x[:, start + j]).item() for j in range(length)]}
     # The linear-neighbour predictor rolled out the same way: its own predictions become its neighbours.
-    grid = tuple(v // p for v, p in zip(config.volume, config.patch))
-    linear = fit_neighbour_regression(patchify(_pool(200, POOL_SEED, config)[0], config.patch), grid)
+    linear = fit_neighbour_regression(_reference_tokens(config), config.grid)
     seq, errs = x.clone(), []
     for j in range(length):
         position = torch.full((n,), start + j)
-        seq[:, start + j] = neighbour_context(seq, position, grid) @ linear  # (n, P)
+        seq[:, start + j] = neighbour_context(seq, position, config.grid) @ linear  # (n, P)
         errs.append(F.mse_loss(seq[:, start + j], x[:, start + j]).item())
     out["baseline_linear_neighbours"] = errs
     for name, model in models.items():

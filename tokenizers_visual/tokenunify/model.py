@@ -54,8 +54,13 @@ class TokenUnifyConfig:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio!r}")
 
     @property
+    def grid(self) -> tuple[int, ...]:
+        """Tokens along each axis, (g0[, g1], g_last); tokens run in raster order over this grid."""
+        return tuple(v // p for v, p in zip(self.volume, self.patch))
+
+    @property
     def num_tokens(self) -> int:
-        return math.prod(v // p for v, p in zip(self.volume, self.patch))
+        return math.prod(self.grid)
 
     @property
     def patch_voxels(self) -> int:
