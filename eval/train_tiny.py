@@ -76,6 +76,7 @@ class TrainConfig:
     question_first: bool = False
     relevance_layer: int = 0
     copy_layer: int = 0
+    copy_roles: bool = False
     vision_steps: int = 0
     vision_batch_size: int = 32
     seed: int = 0
@@ -123,6 +124,9 @@ class TrainConfig:
         if self.relevance_layer < 0 or self.copy_layer < 0:
             raise ValueError(f"relevance_layer and copy_layer must be >= 0 (0 = off), got {self.relevance_layer!r}, "
                              f"{self.copy_layer!r}")
+        if self.copy_roles and self.copy_layer < 2:
+            raise ValueError(f"copy_roles needs copy_layer >= 2 (the question's colour words learn their role one "
+                             f"layer below it), got copy_layer={self.copy_layer!r}")
         if (self.relevance_layer or self.copy_layer) and not self.question_first:
             raise ValueError("relevance_layer and copy_layer need question_first: with the image first its tokens "
                              "cannot see the question")
@@ -288,15 +292,44 @@ def _relevance_targets(sample, n_vision: int, config) -> torch.Tensor:
     return roles
 
 
-def _named_classes(samples, benchmark: str) -> torch.Tensor:
-    """(B, C) multi-hot of the colour and shape / digit classes each question names (`_aux_loss`'s class layout)."""
+def _named_classes(samples, benchmark: str, by_role: bool = False) -> torch.Tensor:
+    """(B, C) multi-hot of the colour and shape / digit classes each question names (`_aux_loss`'s class layout).
+
+    by_role: (B, 2C), the classes named for the asked object, then those named for the reference object of a
+    `position` question ("where is the A object relative to the B object ?": A asked, B reference). Without the
+    split both colours of a `position` question land in one multi-hot, and an image token cannot tell from it
+    whether it is the asked object or the reference (measured: a linear probe told the two roles apart for 76% of
+    the tokens, and `position` answers had the right axis but a chance sign).
+    """
     _, n_col, n_other = _class_layout(benchmark)
-    wanted = torch.zeros(len(samples), n_col + n_other)
+    width = n_col + n_other
+    wanted = torch.zeros(len(samples), 2 * width if by_role else width)
     for b, sample in enumerate(samples):
         colours, others = _asked(sample, benchmark)
+        if by_role and sample.meta.get("qtype") == "position":
+            asked, reference = colours  # the question names exactly two colours, the asked one first
+            wanted[b, width + reference] = 1.0
+            colours = [asked]
         wanted[b, colours] = 1.0
         wanted[b, [n_col + o for o in others]] = 1.0
     return wanted
+
+
+def _colour_word_roles(samples, ids: torch.Tensor, colour_ids: torch.Tensor, colon_at: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The question's colour words and their roles: ((B, T) bool mask, (n_words,) long with 0 = names the asked
+    object, 1 = names the reference of a `position` question, its second colour word), in row-major order."""
+    words = torch.isin(ids, colour_ids) & (torch.arange(ids.shape[1])[None] < colon_at[:, None])  # (B, T)
+    roles = []
+    for b, sample in enumerate(samples):
+        n = int(words[b].sum())
+        role = torch.zeros(n, dtype=torch.long)
+        if sample.meta.get("qtype") == "position":
+            if n != 2:
+                raise RuntimeError(f"a position question names two colours, found {n} in {sample.question!r}")
+            role[1] = 1
+        roles.append(role)
+    return words, torch.cat(roles)
 
 
 def _patch_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tensor, benchmark: str, grid: int,
@@ -466,7 +499,11 @@ def train(cfg: TrainConfig) -> dict:
         [torch.nn.Linear(model.config.text_config.hidden_size, n_match)] if cfg.match_layer else [])
     width = model.config.text_config.hidden_size
     relevance_head = torch.nn.ModuleList([torch.nn.Linear(width, 3)] if cfg.relevance_layer else [])
-    copy_head = torch.nn.ModuleList([torch.nn.Linear(width, n_match)] if cfg.copy_layer else [])
+    copy_head = torch.nn.ModuleList([torch.nn.Linear(width, n_match * (2 if cfg.copy_roles else 1))]
+                                    if cfg.copy_layer else [])
+    # With roles, the question's colour words tell at the layer below the copy layer whether they name the asked
+    # object or the reference, so that the image tokens have an ordered question to copy from.
+    word_role_head = torch.nn.ModuleList([torch.nn.Linear(width, 2)] if cfg.copy_roles else [])
     if cfg.tie_qk_init and not cfg.init_from:
         for index in cfg.grounding_layers:  # keys start equal to queries: q.k is then >= 0 for matching content
             attn = model.model.language_model.layers[index].self_attn
@@ -489,11 +526,13 @@ def train(cfg: TrainConfig) -> dict:
                                      for w in (*COLORS, *SHAPES, *"0123456789")
                                      if w in processor.tokenizer.get_vocab()))
     params = [*model.parameters(), *head.parameters(), *value_heads.parameters(), *question_head.parameters(),
-              *match_head.parameters(), *relevance_head.parameters(), *copy_head.parameters()]
+              *match_head.parameters(), *relevance_head.parameters(), *copy_head.parameters(),
+              *word_role_head.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    colour_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(COLORS)))
     assistant_id = processor.tokenizer.convert_tokens_to_ids("ASSISTANT")
     colon_id = processor.tokenizer.convert_tokens_to_ids(":")
     calib = load_benchmark(recipe.benchmark, "calibration", cfg.eval_samples, seed=cfg.seed, **options)
@@ -589,11 +628,15 @@ def train(cfg: TrainConfig) -> dict:
                                                           weight=torch.tensor([1.0, 20.0, 20.0]))
         if len(copy_head):
             states = output.hidden_states[cfg.copy_layer]  # (B, T, D)
-            named = _named_classes(samples, recipe.benchmark)  # (B, C)
+            named = _named_classes(samples, recipe.benchmark, cfg.copy_roles)  # (B, C), or (B, 2C) by role
             guess = copy_head[0](states)  # (B, T, C)
             copy_loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 guess[image_mask], named[:, None].expand(-1, ids.shape[1], -1)[image_mask])
             relevance = relevance + copy_loss * named.shape[1] / 2
+        if len(word_role_head):
+            colour_words, word_roles = _colour_word_roles(samples, ids, colour_ids, colon_at)
+            guess = word_role_head[0](output.hidden_states[cfg.copy_layer - 1][colour_words])  # (n_words, 2)
+            relevance = relevance + torch.nn.functional.cross_entropy(guess, word_roles)
         grounding = probe.loss() if probe is not None else torch.zeros(())
         if question_probe is not None:
             grounding = grounding + question_probe.loss()
@@ -679,6 +722,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "object / reference object); needs --question-first; 0 = off")
     parser.add_argument("--copy-layer", type=int, default=defaults.copy_layer, help="train the image tokens' input "
                         "to this decoder layer to tell which colours and shapes the question names; 0 = off")
+    parser.add_argument("--copy-roles", action="store_true", help="the --copy-layer target tells the asked "
+                        "object's named classes apart from the reference object's (position questions)")
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps, help="image-only steps that "
                         "train the vision tower, projector and per-patch head before the language steps (and weight "
                         "the object tokens in the per-patch loss throughout); 0 = off")

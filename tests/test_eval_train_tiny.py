@@ -314,3 +314,27 @@ def test_patch_loss_object_focus_adds_the_object_tokens_mean():
     colour = (logits[:, :7].argmax(-1) == torch.tensor([2, 1])).float().mean().item()
     shape = (logits[:, 7:12].argmax(-1) == torch.tensor([3, 1])).float().mean().item()
     assert _patch_accuracy(head, features, targets, "shapes") == (colour, shape)
+
+
+def test_named_classes_by_role_split_position_colours_as_the_scene_places_them():
+    """By role, a `position` question's asked colour is the first target object's colour in the scene and the
+    reference colour the second's; other question types name only asked classes. Checked against the drawn
+    objects, not the question text; without roles both colours share one multi-hot."""
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.benchmarks.draw import COLORS, SHAPES
+    from mmreduce.eval.train_tiny import _named_classes
+
+    samples = load_benchmark("shapes", "test", 10, seed=4)
+    width = 1 + len(COLORS) + 1 + len(SHAPES)
+    plain, by_role = _named_classes(samples, "shapes"), _named_classes(samples, "shapes", by_role=True)
+    assert plain.shape == (10, width) and by_role.shape == (10, 2 * width)
+    colour_id = {c: 1 + i for i, c in enumerate(COLORS)}
+    for b, sample in enumerate(samples):
+        if sample.meta["qtype"] == "position":
+            asked, reference = [o["color"] for o in sample.meta["objects"] if o["target"]]
+            assert by_role[b].nonzero().flatten().tolist() == [colour_id[asked], width + colour_id[reference]]
+            assert plain[b].nonzero().flatten().tolist() == sorted([colour_id[asked], colour_id[reference]])
+        else:
+            assert torch.equal(by_role[b, :width], plain[b]) and by_role[b, width:].sum() == 0
+    with pytest.raises(ValueError, match="copy_roles needs copy_layer"):
+        TrainConfig(copy_roles=True)
