@@ -22,10 +22,9 @@ def test_readme_training_commands_parse_and_match_the_shipped_configs():
     """The README's `mmreduce train-tiny` commands are valid CLI calls whose first stage is the shipped run's config."""
     import json
     import shlex
-
-    from mmreduce.cli import build_parser
     from dataclasses import asdict, fields
 
+    from mmreduce.cli import build_parser
     from mmreduce.eval.train_tiny import TrainConfig, _config_from_args, _items, finishing_stage
 
     root = pathlib.Path(__file__).parent.parent
