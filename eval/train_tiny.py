@@ -276,6 +276,12 @@ def _aux_loss(head: torch.nn.Linear, features: torch.Tensor, targets: torch.Tens
     return loss
 
 
+def _names_a_reference(sample) -> bool:
+    """Whether the question names a reference object after the asked one: `position` ("where is the A object
+    relative to the B object ?"), whose second target box and second colour word are the reference's."""
+    return sample.meta.get("qtype") == "position"
+
+
 def _relevance_targets(sample, n_vision: int, config) -> torch.Tensor:
     """Per image token, its role for the question: 0 none, 1 under an asked object, 2 under the reference object
     of a `position` question ("relative to the X object"); (n_vision,) long, in the prompt's image-token order.
@@ -285,7 +291,7 @@ def _relevance_targets(sample, n_vision: int, config) -> torch.Tensor:
     `meta["target_boxes"]` in the generator's order (for `position`, the asked object first).
     """
     roles = torch.zeros(n_vision, dtype=torch.long)
-    reference = 1 if sample.meta["qtype"] == "position" else None
+    reference = 1 if _names_a_reference(sample) else None
     for i, box in enumerate(sample.meta["target_boxes"]):
         one = replace(sample, meta={**sample.meta, "target_boxes": [box]})
         roles[target_positions(one, torch.arange(n_vision), config)] = 2 if i == reference else 1
@@ -306,7 +312,7 @@ def _named_classes(samples, benchmark: str, by_role: bool = False) -> torch.Tens
     wanted = torch.zeros(len(samples), 2 * width if by_role else width)
     for b, sample in enumerate(samples):
         colours, others = _asked(sample, benchmark)
-        if by_role and sample.meta.get("qtype") == "position":
+        if by_role and _names_a_reference(sample):
             asked, reference = colours  # the question names exactly two colours, the asked one first
             wanted[b, width + reference] = 1.0
             colours = [asked]
@@ -324,7 +330,7 @@ def _colour_word_roles(samples, ids: torch.Tensor, colour_ids: torch.Tensor, col
     for b, sample in enumerate(samples):
         n = int(words[b].sum())
         role = torch.zeros(n, dtype=torch.long)
-        if sample.meta.get("qtype") == "position":
+        if _names_a_reference(sample):
             if n != 2:
                 raise RuntimeError(f"a position question names two colours, found {n} in {sample.question!r}")
             role[1] = 1

@@ -31,17 +31,18 @@ def test_readme_training_commands_parse_and_match_the_shipped_configs():
     text = (root / "README.md").read_text().replace("\\\n", " ")
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("mmreduce train-tiny ")]
     assert {shlex.split(c)[2] for c in commands} == {"tiny-llava-shapes", "tiny-llava-next-docs"}
+    # Where a run wrote its files (`out`, and the finishing stage's `init_from`) and the --max-minutes guard are not
+    # part of the recipe. An option added after a run is at its default there.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+
+    def recipe(config: dict) -> dict:
+        return {k: v for k, v in {**defaults, **config}.items() if k not in ("out", "init_from", "max_minutes")}
+
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])
         documented = _config_from_args(args)
         # The shipped train_config.json is the last stage's; a two-stage command's first stage is its
-        # `previous_stage`. Where a run wrote its files (`out`, and the finishing stage's `init_from`) and the
-        # --max-minutes guard are not part of the recipe. An option added after a run is at its default there.
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-
-        def recipe(config: dict) -> dict:
-            return {k: v for k, v in {**defaults, **config}.items() if k not in ("out", "init_from", "max_minutes")}
-
+        # `previous_stage`.
         stages = [documented]
         if args.finish_steps:
             stages.append(finishing_stage(documented, args.finish_steps, tuple(_items(args.finish_qtypes)),
