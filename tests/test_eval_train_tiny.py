@@ -338,3 +338,23 @@ def test_named_classes_by_role_split_position_colours_as_the_scene_places_them()
             assert torch.equal(by_role[b, :width], plain[b]) and by_role[b, width:].sum() == 0
     with pytest.raises(ValueError, match="copy_roles needs copy_layer"):
         TrainConfig(copy_roles=True)
+
+
+def test_role_probe_reads_a_planted_direction_not_noise_and_checks_its_model():
+    """The probe behind eval/TRAINING.md's role figures: near 1 on a label planted in one feature, near chance on
+    random labels; the report has one entry per decoder-layer input and counts same-axis errors among all errors."""
+    from mmreduce.eval.role_probe import linear_probe_accuracy, role_report
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    planted = (x[:, 3] > 0).long()
+    assert linear_probe_accuracy(x[:200], planted[:200], x[200:], planted[200:]) >= 0.97
+    noise = torch.randint(0, 2, (400,), generator=g)
+    assert 0.35 <= linear_probe_accuracy(x[:200], noise[:200], x[200:], noise[200:]) <= 0.65
+    report = role_report("tiny-llava-shapes", samples=6, answer_samples=8)
+    assert len(report["image_roles"]) == len(report["word_roles"]) == 8 + 1
+    answers = report["position_answers"]
+    assert answers["errors"] == round((1 - answers["accuracy"]) * 8)
+    assert 0 <= answers["errors_same_axis_other_side"] <= answers["errors"]
+    with pytest.raises(ValueError, match="LLaVA-1.5"):
+        role_report("tiny-llava-next-docs", samples=1, answer_samples=1)
