@@ -17,8 +17,8 @@ _SUBCOMMAND_MODULES = (
     "mmreduce.eval.cli",
     "mmreduce.eval.tune",
     "mmreduce.eval.compare",
-    "mmreduce.eval.train_tiny",
-    "mmreduce.eval.seed_vlm",
+    "mmreduce.eval.testbed.train_tiny",
+    "mmreduce.eval.testbed.train_seed_vlm",
     "mmreduce.tokenizers_visual.cli",
     "mmreduce.demo.cli",
 )

@@ -9,8 +9,8 @@ import torch
 
 from mmreduce.eval.benchmarks import load_benchmark
 from mmreduce.eval.harness import RESULT_FIELDS, BenchConfig, run_bench
-from mmreduce.eval.seed_vlm import (IMG_CLOSE, IMG_OPEN, MARKER, SeedTrainConfig, SeedVLM, SeedVLMConfig,
-                                    add_subparser, is_seed_vlm)
+from mmreduce.eval.seed_vlm import IMG_CLOSE, IMG_OPEN, MARKER, SeedVLM, SeedVLMConfig, is_seed_vlm
+from mmreduce.eval.testbed.train_seed_vlm import SeedTrainConfig, add_subparser
 from mmreduce.eval.tiny_models import SPECIAL_TOKENS, VOCABULARY
 
 TINY = SeedVLMConfig(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)

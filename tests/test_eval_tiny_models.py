@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmreduce.eval.accuracy import evaluate, normalize_answer, random_vision_mask
+from mmreduce.eval.accuracy import evaluate, normalize_answer
+from mmreduce.eval.testbed.masked_drop import random_vision_mask
 from mmreduce.eval.benchmarks import load_benchmark
 from mmreduce.eval.tiny_models import (
     CHECKPOINT_DIR,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmreduce.eval.train_tiny import TrainConfig, add_subparser, patch_labels, train
+from mmreduce.eval.testbed.train_tiny import TrainConfig, add_subparser, patch_labels, train
 
 
 def test_patch_labels_take_the_majority_id_above_a_pixel_floor():
@@ -79,7 +79,7 @@ def test_one_step_run_saves_a_loadable_checkpoint_and_a_log(tmp_path, monkeypatc
 
 
 def test_grounding_targets_are_the_image_tokens_under_the_boxes():
-    from mmreduce.eval._grounding import target_positions
+    from mmreduce.eval.testbed.grounding import target_positions
     from mmreduce.eval.benchmarks import Sample
     from mmreduce.eval.tiny_models import build_tiny
     from PIL import Image
@@ -101,11 +101,11 @@ def test_grounding_targets_are_the_image_tokens_under_the_boxes():
 def test_sequence_targets_put_each_field_where_the_grounding_boxes_are():
     """Two independent routes to 'which image tokens hold the asked field': the drawn label map in prompt order,
     and the target boxes through `target_positions`; the full-resolution token of the field must agree."""
-    from mmreduce.eval._grounding import target_positions
+    from mmreduce.eval.testbed.grounding import target_positions
     from mmreduce.eval.benchmarks import load_benchmark
     from mmreduce.eval.benchmarks.draw import COLORS
     from mmreduce.eval.tiny_models import TINY_MODELS, build_tiny
-    from mmreduce.eval.train_tiny import _sequence_targets
+    from mmreduce.eval.testbed.train_tiny import _sequence_targets
 
     model, _ = build_tiny("tiny-llava-next-docs")
     recipe = TINY_MODELS["tiny-llava-next-docs"]
@@ -123,7 +123,7 @@ def test_sequence_targets_put_each_field_where_the_grounding_boxes_are():
 def test_asked_classes_curriculum_and_new_options_are_validated():
     from mmreduce.eval.benchmarks import Sample
     from mmreduce.eval.tiny_models import TINY_MODELS
-    from mmreduce.eval.train_tiny import _asked, _crowding
+    from mmreduce.eval.testbed.train_tiny import _asked, _crowding
 
     def ask(question):
         from PIL import Image
@@ -145,7 +145,7 @@ def test_asked_classes_curriculum_and_new_options_are_validated():
 
 
 def test_attention_report_masses_add_up_and_objects_match_the_pixels():
-    from mmreduce.eval.attention_report import attention_mass
+    from mmreduce.eval.testbed.attention_report import attention_mass
     from mmreduce.eval.benchmarks import load_benchmark
     from mmreduce.eval.tiny_models import build_tiny, format_prompt
 
@@ -175,11 +175,11 @@ def test_attention_report_masses_add_up_and_objects_match_the_pixels():
 
 def test_grounding_probe_losses_match_the_models_own_attention_weights():
     """Mass and contrast terms recomputed from eager attention weights (head 0 only, `heads=1`)."""
-    from mmreduce.eval._grounding import GroundingProbe
+    from mmreduce.eval.testbed.grounding import GroundingProbe
     from mmreduce.eval.benchmarks import load_benchmark
     from mmreduce.eval.tiny_models import build_tiny, format_prompt
-    from mmreduce.eval.train_tiny import _other_objects
-    from mmreduce.eval._grounding import target_positions
+    from mmreduce.eval.testbed.train_tiny import _other_objects
+    from mmreduce.eval.testbed.grounding import target_positions
 
     model, processor = build_tiny("tiny-llava-shapes", attn_implementation="eager")
     sample = next(s for s in load_benchmark("shapes", "test", 20, seed=5) if len(s.meta["objects"]) >= 3)
@@ -206,7 +206,7 @@ def test_relevance_roles_mark_the_cells_under_each_asked_object():
     the reference object of a `position` question (the second box) gets role 2, the asked one role 1."""
     from mmreduce.eval.benchmarks import load_benchmark
     from mmreduce.eval.tiny_models import build_tiny
-    from mmreduce.eval.train_tiny import _relevance_targets
+    from mmreduce.eval.testbed.train_tiny import _relevance_targets
 
     model, _ = build_tiny("tiny-llava-shapes")
     samples = load_benchmark("shapes", "test", 10, seed=4)  # two of each question type
@@ -230,7 +230,7 @@ def test_question_first_prompts_come_from_the_checkpoints_own_template(tmp_path)
     from dataclasses import replace
 
     from mmreduce.eval.tiny_models import TINY_MODELS, build_processor, format_prompt, prompt_for
-    from mmreduce.eval.train_tiny import _question_first
+    from mmreduce.eval.testbed.train_tiny import _question_first
 
     question = "what color is the circle ?"
     image_first = build_processor(TINY_MODELS["tiny-llava-shapes"])
@@ -276,7 +276,7 @@ def test_question_first_run_with_a_vision_warmup_ships_its_prompt_order(tmp_path
 def test_finishing_stage_runs_as_a_second_stage_from_the_first_stages_weights(tmp_path, monkeypatch):
     """`--finish-steps` = a second command with --init-from OUT --data-offset STEPS: one log, two configs."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from mmreduce.eval.train_tiny import main
+    from mmreduce.eval.testbed.train_tiny import main
 
     out = tmp_path / "two"
     common = ["tiny-llava-shapes", "--steps", "2", "--batch-size", "2", "--eval-every", "0", "--eval-samples", "2",
@@ -299,7 +299,7 @@ def test_finishing_stage_runs_as_a_second_stage_from_the_first_stages_weights(tm
 
 
 def test_patch_loss_object_focus_adds_the_object_tokens_mean():
-    from mmreduce.eval.train_tiny import _aux_loss, _patch_accuracy, _patch_loss
+    from mmreduce.eval.testbed.train_tiny import _aux_loss, _patch_accuracy, _patch_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(4, 12)
@@ -322,7 +322,7 @@ def test_named_classes_by_role_split_position_colours_as_the_scene_places_them()
     objects, not the question text; without roles both colours share one multi-hot."""
     from mmreduce.eval.benchmarks import load_benchmark
     from mmreduce.eval.benchmarks.draw import COLORS, SHAPES
-    from mmreduce.eval.train_tiny import _named_classes
+    from mmreduce.eval.testbed.train_tiny import _named_classes
 
     samples = load_benchmark("shapes", "test", 10, seed=4)
     width = 1 + len(COLORS) + 1 + len(SHAPES)
@@ -343,7 +343,7 @@ def test_named_classes_by_role_split_position_colours_as_the_scene_places_them()
 def test_role_probe_reads_a_planted_direction_not_noise_and_checks_its_model():
     """The probe behind eval/TRAINING.md's role figures: near 1 on a label planted in one feature, near chance on
     random labels; the report has one entry per decoder-layer input and counts same-axis errors among all errors."""
-    from mmreduce.eval.role_probe import linear_probe_accuracy, role_report
+    from mmreduce.eval.testbed.role_probe import linear_probe_accuracy, role_report
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 16, generator=g)

@@ -25,7 +25,7 @@ def test_readme_training_commands_parse_and_match_the_shipped_configs():
     from dataclasses import asdict, fields
 
     from mmreduce.cli import build_parser
-    from mmreduce.eval.train_tiny import TrainConfig, _config_from_args, _items, finishing_stage
+    from mmreduce.eval.testbed.train_tiny import TrainConfig, _config_from_args, _items, finishing_stage
 
     root = pathlib.Path(__file__).parent.parent
     text = (root / "README.md").read_text().replace("\\\n", " ")

@@ -1,7 +1,7 @@
 """Where a tiny VLM's answer position looks: attention mass per layer and head on the asked object(s), on every
 object, on the whole image and on the text (a training diagnostic).
 
-    python -m mmreduce.eval.attention_report runs/shapes-v9 --samples 60 --qtype color_of_shape
+    python -m mmreduce.eval.testbed.attention_report runs/shapes-v9 --samples 60 --qtype color_of_shape
 
 FastV and PyramidDrop rank image tokens by exactly this attention (last prompt token, mean over heads), so a model
 on which it does not single out the asked object cannot separate the methods from `random`. The report shows which
@@ -17,9 +17,9 @@ from dataclasses import replace
 
 import torch
 
-from ._grounding import object_boxes, target_positions
-from .benchmarks import load_benchmark
-from .tiny_models import TINY_MODELS, load_tiny, prompt_for
+from .grounding import object_boxes, target_positions
+from ..benchmarks import load_benchmark
+from ..tiny_models import TINY_MODELS, load_tiny, prompt_for
 
 __all__ = ["attention_mass", "main"]
 
@@ -51,7 +51,7 @@ def attention_mass(model, processor, samples) -> list[dict[str, list[float]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.attention_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.attention_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="bundled tiny model name or checkpoint directory")
     parser.add_argument("--dataset", default=None, help="benchmark (default: the model's own, else shapes)")

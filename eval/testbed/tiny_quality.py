@@ -1,6 +1,6 @@
 """Quality bars of a tiny checkpoint: unreduced test accuracy and masked-reference token-dropping accuracies.
 
-    python -m mmreduce.eval.tiny_quality tiny-llava-shapes --samples 300 --seed 0
+    python -m mmreduce.eval.testbed.tiny_quality tiny-llava-shapes --samples 300 --seed 0
 
 Reports, on the benchmark's `test` split:
 - `unreduced`: greedy accuracy of the plain model;
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .accuracy import evaluate, random_vision_mask, scored_vision_mask
-from .benchmarks import load_benchmark
-from .tiny_models import TINY_MODELS, load_tiny, resolve_checkpoint
+from ..accuracy import evaluate
+from .masked_drop import random_vision_mask, scored_vision_mask
+from ..benchmarks import load_benchmark
+from ..tiny_models import TINY_MODELS, load_tiny, resolve_checkpoint
 
 __all__ = ["quality_report", "target_scores"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
 def _per_qtype(samples, predictions) -> dict[str, float]:
@@ -98,7 +99,7 @@ def quality_report(name_or_path: str, samples: int = 300, seed: int = 0, keep_ra
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.tiny_quality", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.tiny_quality", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="bundled tiny model name or checkpoint directory")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)

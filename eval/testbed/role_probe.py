@@ -1,6 +1,6 @@
 """Where a tiny `shapes` checkpoint tells the asked object of a `position` question from its reference.
 
-    python -m mmreduce.eval.role_probe tiny-llava-shapes --samples 300 --answer-samples 200 --seed 0
+    python -m mmreduce.eval.testbed.role_probe tiny-llava-shapes --samples 300 --answer-samples 200 --seed 0
 
 Prints JSON with, for every decoder layer input l (`hidden_states[l]`: 0 = embeddings, L = final):
 - `image_roles[l]`: test accuracy of a linear probe (logistic regression on standardised states, fit on the
@@ -18,10 +18,10 @@ import json
 
 import torch
 
-from .accuracy import evaluate
-from .benchmarks import load_benchmark
-from .benchmarks.draw import COLORS
-from .tiny_models import load_tiny, prompt_for
+from ..accuracy import evaluate
+from ..benchmarks import load_benchmark
+from ..benchmarks.draw import COLORS
+from ..tiny_models import load_tiny, prompt_for
 from .train_tiny import _relevance_targets
 
 __all__ = ["linear_probe_accuracy", "role_report"]
@@ -104,7 +104,7 @@ def role_report(name_or_path: str, samples: int = 300, answer_samples: int = 200
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.role_probe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.role_probe", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="bundled tiny model name or checkpoint directory (LLaVA-1.5, shapes)")
     parser.add_argument("--samples", type=int, default=300, help="position questions per split for the probes")
     parser.add_argument("--answer-samples", type=int, default=200, help="calibration position questions answered")

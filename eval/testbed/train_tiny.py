@@ -1,6 +1,6 @@
 """Train a bundled tiny VLM on its synthetic benchmark, on the CPU, reproducibly.
 
-    python -m mmreduce.eval.train_tiny tiny-llava-shapes --steps 1200 --batch-size 16 --seed 0 \
+    python -m mmreduce.eval.testbed.train_tiny tiny-llava-shapes --steps 1200 --batch-size 16 --seed 0 \
         --out eval/checkpoints/tiny-llava-shapes
     mmreduce train-tiny ...        # the same, once the lead wires `add_subparser` into the console script
 
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._extra_questions import extra_questions
-from ._grounding import GroundingProbe, object_boxes, target_positions
-from .accuracy import evaluate
-from .benchmarks import load_benchmark
-from .benchmarks.draw import COLORS, SHAPES, draw_shape
-from .tiny_models import TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, load_tiny, prompt_for, save_tiny
+from .extra_questions import extra_questions
+from .grounding import GroundingProbe, object_boxes, target_positions
+from ..accuracy import evaluate
+from ..benchmarks import load_benchmark
+from ..benchmarks.draw import COLORS, SHAPES, draw_shape
+from ..tiny_models import CHECKPOINT_DIR, TINY_MODELS, TinyVLMConfig, build_tiny, format_prompt, load_tiny, prompt_for, save_tiny
 
 __all__ = ["TrainConfig", "add_subparser", "finishing_stage", "main", "patch_labels", "train"]
 
@@ -140,7 +140,7 @@ class TrainConfig:
             raise ValueError(f"grounding_layers must be >= 0 and grounding_weight >= 0, got "
                              f"{self.grounding_layers!r}, {self.grounding_weight!r}")
         if not self.out:
-            self.out = str(Path(__file__).resolve().parent / "checkpoints" / self.model)
+            self.out = str(CHECKPOINT_DIR / self.model)
 
 
 def _label_map(sample, size: tuple[int, int]) -> np.ndarray:
@@ -815,7 +815,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.train_tiny")
+    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.train_tiny")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_subparser(subparsers)
     argv = list(argv) if argv is not None else __import__("sys").argv[1:]

@@ -27,7 +27,7 @@ def _boxes_to_cells(boxes, cell: int, grid_h: int, grid_w: int) -> set[tuple[int
 
 def object_boxes(sample) -> list[tuple[int, int, int, int]]:
     """Pixel boxes of every object in the scene (`shapes` objects or `docs` fields), asked or not."""
-    from .benchmarks.draw import shape_box
+    from ..benchmarks.draw import shape_box
 
     if sample.meta["benchmark"] == "shapes":
         return [shape_box(o["cx"], o["cy"], o["radius"]) for o in sample.meta["objects"]]

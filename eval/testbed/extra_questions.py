@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .benchmarks import Sample
-from .benchmarks.draw import COLORS, SHAPES
+from ..benchmarks import Sample
+from ..benchmarks.draw import COLORS, SHAPES
 
 __all__ = ["extra_questions"]
 
