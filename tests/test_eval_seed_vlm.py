@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 from mmreduce.eval.benchmarks import load_benchmark
 from mmreduce.eval.harness import RESULT_FIELDS, BenchConfig, run_bench
 from mmreduce.eval.seed_vlm import IMG_CLOSE, IMG_OPEN, MARKER, SeedVLM, SeedVLMConfig, is_seed_vlm
-from mmreduce.eval.testbed.train_seed_vlm import SeedTrainConfig, add_subparser
 from mmreduce.eval.tiny_models import SPECIAL_TOKENS, VOCABULARY
 
 TINY = SeedVLMConfig(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
@@ -98,14 +95,8 @@ def test_prefill_flops_match_a_hand_count(saved, tmp_path):
     assert rows[0]["prefill_flops"] == pytest.approx(layers * per_layer)
 
 
-def test_config_validation_and_cli_hook():
+def test_config_validation():
     with pytest.raises(ValueError, match="heads"):
         SeedVLMConfig(hidden=30, heads=4)
     with pytest.raises(ValueError, match="resample"):
         SeedVLMConfig(resample="lanczos9")
-    with pytest.raises(ValueError, match="steps"):
-        SeedTrainConfig(steps=0)
-    parser = argparse.ArgumentParser()
-    add_subparser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train-seed-vlm", "--steps", "3", "--batch-size", "8"])
-    assert args.func.__name__ == "_run" and args.steps == 3 and args.batch_size == 8
