@@ -1,8 +1,8 @@
 """Run the baseline and each method on one input and collect answers, token counts, FLOPs and latency.
 
 Latency is measured after `warmup` untimed runs (the first call pays for allocations and lazy init) as the
-median of `repeats` timed runs. The baseline runs wrapped with a keep-everything schedule, which the test
-suite proves bit-identical to the stock model, so it reports the same stats as the methods.
+median of `repeats` timed runs. The baseline runs wrapped with `mmreduce.Baseline` (no drop stages, which the test
+suite proves bit-identical to the stock model), so it reports the same stats as the methods.
 """
 
 from __future__ import annotations
@@ -68,12 +68,8 @@ def vision_positions(model, inputs: dict) -> list[int]:
     return (inputs["input_ids"][0] == token).nonzero().flatten().tolist()
 
 
-def _num_layers(model) -> int:
-    return model.config.text_config.num_hidden_layers
-
-
 def _run_once(model, method, inputs, max_new_tokens: int, pad_token_id):
-    target = mmreduce.wrap(model, method or mmreduce.Schedule(keep=[1.0] * _num_layers(model)))
+    target = mmreduce.wrap(model, method)
     try:
         with torch.inference_mode():
             out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
@@ -119,6 +115,6 @@ def run_comparison(model, processor, inputs: dict, choices: list[MethodChoice], 
                 planned=choice.planned,
                 runs=repeats,
                 note=stats.note,
-                method=choice.method.describe() if choice.method is not None else "baseline",
+                method=choice.method.describe(),
             ))
     return results

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import mmreduce
-from mmreduce.eval.spec import parse_spec
 
 from .inputs import DemoInputError
 
@@ -26,10 +25,10 @@ MAX_METHODS = 6  # each method costs warm-up + timed runs; more would make the U
 
 @dataclass
 class MethodChoice:
-    """One column of the comparison: `method` is None for the baseline."""
+    """One column of the comparison (the first is always the baseline, `mmreduce.Baseline`)."""
 
     label: str
-    method: mmreduce.ReductionMethod | None
+    method: mmreduce.ReductionMethod
     planned: list[int] | None = None  # vision tokens entering each layer, as the method plans them
 
 
@@ -63,10 +62,8 @@ def parse_layers(text: str | None, what: str = "pdrop layers") -> tuple[int, ...
     return tuple(_whole(p.strip(), what, 1) for p in parts)
 
 
-def planned_counts(method: mmreduce.ReductionMethod | None, num_layers: int, vision_tokens: int) -> list[int]:
-    """Vision tokens per layer the method plans for an input with `vision_tokens` (all layers full for None)."""
-    if method is None:
-        return [vision_tokens] * num_layers
+def planned_counts(method: mmreduce.ReductionMethod, num_layers: int, vision_tokens: int) -> list[int]:
+    """Vision tokens per layer the method plans for an input with `vision_tokens`."""
     return method.planned_counts(num_layers, vision_tokens)
 
 
@@ -126,14 +123,15 @@ def build_methods(
         if not text or text.startswith("#"):
             continue
         try:
-            spec = parse_spec(text)
+            spec = mmreduce.parse_spec(text)
         except (ValueError, TypeError) as error:
             raise DemoInputError(f"method spec {text!r}: {error}") from None
-        if not spec.is_baseline:
+        if spec.name != "baseline":  # the baseline column is always shown
             wanted.append((text, lambda spec=spec: spec.build(num_layers, vision_tokens)))
     if len(wanted) > MAX_METHODS:
         raise DemoInputError(f"{len(wanted)} methods selected; the limit is {MAX_METHODS} per comparison")
-    choices = [MethodChoice("baseline", None, planned_counts(None, num_layers, vision_tokens))]
+    baseline = mmreduce.Baseline()
+    choices = [MethodChoice("baseline", baseline, planned_counts(baseline, num_layers, vision_tokens))]
     for label, make in wanted:
         try:
             method = make()

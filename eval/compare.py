@@ -33,13 +33,6 @@ def _baselines(budget: float, depth: int) -> list[str]:
             f"pdrop:layers={pdrop_layers},equivalent={budget}"]
 
 
-def _family(spec: str) -> str:
-    """The column a bench row belongs to: random / fastv / pdrop / gsearch / psigmoid (schedules by file name)."""
-    if spec.startswith("schedule:"):
-        return Path(spec.partition("path=")[2]).stem.split("-")[0]
-    return spec.partition(":")[0]
-
-
 def comparison_markdown(summary: dict) -> str:
     """One line per budget, one column per method: accuracy, then mean vision tokens and prefill FLOPs share."""
     rows = summary["results"]

@@ -6,7 +6,8 @@
 Under `torchrun --nproc_per_node N` (or `accelerate launch`), the batches are sharded across the N processes
 (data parallel) and gathered on rank 0, which writes the results.
 
-For every spec, batches are evaluated with greedy `generate()` through `mmreduce.wrap`; each finished batch is
+For every spec, batches are evaluated by the model's runner (`eval/runners.py`: greedy `generate()` through
+`mmreduce.wrap` for a Hugging Face VLM); each finished batch is
 appended to `OUT/cache/<spec>.jsonl`, so an interrupted run resumes where it stopped. `OUT/results.json`,
 `OUT/results.md` and `OUT/accuracy_vs_flops.png` are written at the end.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 
 import torch
 
-import mmreduce
+from mmreduce import MethodSpec, parse_spec
 
-from .spec import MethodSpec, parse_spec
+from .runners import Runner, load_runner
 
 __all__ = ["BenchConfig", "RESULT_FIELDS", "plot_results", "results_markdown", "run_bench"]
 
@@ -42,7 +42,7 @@ class BenchConfig:
     """One `mmreduce bench` run.
 
     model: a bundled tiny checkpoint name or a local checkpoint directory; dataset: a benchmark name;
-    specs: method specs (`eval/spec.py`); samples / seed / split: which items; batch_size; out: output directory;
+    specs: method specs (`mmreduce.spec`); samples / seed / split: which items; batch_size; out: output directory;
     max_new_tokens: answer length; device: "cpu", "cuda" or "auto".
     """
 
@@ -102,44 +102,14 @@ def _resolve_device(config: BenchConfig) -> str:
     return device
 
 
-def _load(config: BenchConfig, device: str):
-    from .tiny_models import load_tiny
-
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model, processor = load_tiny(config.model, dtype=dtype)
-    return model.to(device), processor
-
-
 def _samples(config: BenchConfig):
     from .benchmarks import load_benchmark
 
     return load_benchmark(config.dataset, config.split, config.samples, seed=config.seed, **config.benchmark_options)
 
 
-def _batch_inputs(processor, samples, device: str):
-    """The processor batch of `samples` (prompts left-padded, as `accuracy.generate_answers` builds it) on `device`."""
-    from .accuracy import _batch_inputs as build
-
-    return {k: v.to(device) for k, v in build(processor, samples).items()}
-
-
-def _checkpoint_fingerprint(model: str) -> str:
-    """Changes whenever the checkpoint's weights do, so a retrained model never reuses stale cached batches."""
-    from .tiny_models import resolve_checkpoint
-
-    try:
-        folder = resolve_checkpoint(model)
-    except ValueError:
-        return model
-    digest = hashlib.sha1()
-    for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _cache_path(out: Path, config: BenchConfig, spec: MethodSpec, shard: "_Shard") -> Path:
-    key = json.dumps([config.model, _checkpoint_fingerprint(config.model), config.dataset, config.split, config.seed,
+def _cache_path(out: Path, config: BenchConfig, runner: Runner, spec: MethodSpec, shard: "_Shard") -> Path:
+    key = json.dumps([config.model, runner.fingerprint() or config.model, config.dataset, config.split, config.seed,
                       config.samples, config.batch_size, config.max_new_tokens, spec.text, config.benchmark_options],
                      sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -148,17 +118,10 @@ def _cache_path(out: Path, config: BenchConfig, spec: MethodSpec, shard: "_Shard
     return out / "cache" / f"{safe}-{digest}{suffix}.jsonl"
 
 
-def _vision_tokens_per_image(model, processor, sample, device) -> int:
-    inputs = _batch_inputs(processor, [sample], device)
-    token_id = model.config.image_token_id
-    return int((inputs["input_ids"] == token_id).sum())
-
-
-def _evaluate_spec(model, processor, samples, spec: MethodSpec, method, config: BenchConfig, device: str,
-                   cache_file: Path, shard: _Shard, log: Callable[[str], None]) -> list[dict]:
+def _evaluate_spec(runner: Runner, samples, spec: MethodSpec, method, config: BenchConfig, cache_file: Path,
+                   shard: _Shard, log: Callable[[str], None]) -> list[dict]:
+    """Batch records of `method` on this process's share of `samples`; finished batches come from `cache_file`."""
     from tqdm.auto import tqdm
-
-    from .accuracy import normalize_answer
 
     done = []
     if cache_file.exists():
@@ -167,49 +130,15 @@ def _evaluate_spec(model, processor, samples, spec: MethodSpec, method, config: 
             log(f"  {spec.text}: resuming after {len(done)} cached batch(es)")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(samples), config.batch_size))[shard.rank::shard.world]
-    pad = processor.tokenizer.pad_token_id
     with open(cache_file, "a") as sink:
         for start in tqdm(starts[len(done):], desc=spec.text, disable=not config.progress, leave=False):
             batch = samples[start:start + config.batch_size]
-            inputs = _batch_inputs(processor, batch, device)
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            target = mmreduce.wrap(model, method) if method is not None else mmreduce.wrap(model, "schedule",
-                                                                                           keep=[1.0] * _depth(model))
-            try:
-                with torch.inference_mode():
-                    out = target.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                          pad_token_id=pad, return_dict_in_generate=True)
-                stats = target.stats
-            finally:
-                target.unwrap()
-            new = out.sequences[:, inputs["input_ids"].shape[1]:]
-            answers = [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers) if cache else 0
-            flops, baseline_flops = stats.flops()
-            record = {
-                "start": start,
-                "correct": [a == s.answer for a, s in zip(answers, batch)],
-                "answers": answers,
-                "equivalent_vision_tokens": stats.equivalent_vision_tokens,
-                "vision_tokens": statistics.mean(stats.initial_vision_tokens),
-                "prefill_flops": flops / len(batch),
-                "baseline_prefill_flops": baseline_flops / len(batch),
-                "prefill_ms": stats.prefill_ms,
-                "decode_ms_per_token": stats.decode_ms_per_token,
-                "kv_cache_mb": kv_bytes / 2**20,
-                "peak_mem_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            }
+            result = runner.run_batch(batch, method, config.max_new_tokens)
+            record = {"start": start, "correct": [a == s.answer for a, s in zip(result["answers"], batch)], **result}
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             done.append(record)
     return done
-
-
-def _depth(model) -> int:
-    return model.config.text_config.num_hidden_layers
 
 
 def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") -> dict:
@@ -222,7 +151,7 @@ def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") ->
 
     flops, baseline = mean("prefill_flops"), mean("baseline_prefill_flops")
     return {
-        "method": spec.name if method is None else method.describe(),
+        "method": method.describe(),
         "spec": spec.text,
         "accuracy": sum(correct) / len(correct),
         "samples": len(correct),
@@ -241,23 +170,24 @@ def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") ->
     }
 
 
+def _skipped_row(spec: MethodSpec, reason: str) -> dict:
+    return {**{key: None for key in RESULT_FIELDS}, "method": spec.name, "spec": spec.text, "samples": 0,
+            "note": f"skipped: {reason}"}
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Evaluates every spec; returns the result records (also written to `config.out`)."""
     specs = [parse_spec(text) for text in config.specs]
-    from .seed_vlm import is_seed_vlm, run_seed_bench
-
-    if is_seed_vlm(config.model):  # a SEED-token VLM has no vision tower to wrap: eval/seed_vlm.py evaluates it
-        return run_seed_bench(config, specs, log)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(config)
     shard = _Shard.detect(device)
     if shard.rank != 0:
         log = lambda message: None  # noqa: E731 - one process speaks
-    model, processor = _load(config, device)
+    runner = load_runner(config.model, device)
     samples = _samples(config)
-    depth = _depth(model)
-    vision = _vision_tokens_per_image(model, processor, samples[0], device)
+    depth = runner.num_layers
+    vision = runner.vision_tokens(samples[0])
     log(f"{config.model} on {config.dataset}/{config.split}: {len(samples)} samples, {depth} layers, "
         f"{vision} vision tokens per prompt, batch {config.batch_size}, {device}"
         + (f", {shard.world} processes" if shard.world > 1 else ""))
@@ -267,21 +197,25 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
             method = spec.build(depth, vision)
         except ValueError as error:
             log(f"  {spec.text}: skipped ({error})")
-            rows.append({**{key: None for key in RESULT_FIELDS}, "method": spec.name, "spec": spec.text,
-                         "samples": 0, "note": f"skipped: {error}"})
+            rows.append(_skipped_row(spec, str(error)))
+            continue
+        reason = runner.unsupported(method)
+        if reason is not None:
+            log(f"  {spec.text}: skipped: {reason}")
+            rows.append(_skipped_row(spec, reason))
             continue
         start = time.perf_counter()
-        batches = _evaluate_spec(model, processor, samples, spec, method, config, device,
-                                 _cache_path(out, config, spec, shard), shard, log)
+        batches = _evaluate_spec(runner, samples, spec, method, config, _cache_path(out, config, runner, spec, shard),
+                                 shard, log)
         batches = sorted(shard.gather(batches), key=lambda batch: batch["start"])
-        row = _summarise(spec, method, batches)
+        row = _summarise(spec, method, batches, note=runner.note(batches))
         rows.append(row)
         log(f"  {spec.text}: accuracy {row['accuracy']:.3f}, {row['equivalent_vision_tokens']:.1f} eq. tokens, "
             f"FLOPs {row['flops_ratio']:.0%} ({time.perf_counter() - start:.0f} s)")
     if shard.rank != 0:
         return rows
     meta = {"config": {k: v for k, v in asdict(config).items() if k != "progress"}, "device": device,
-            "processes": shard.world}
+            "processes": shard.world, "runner": runner.kind}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     (out / "results.md").write_text(results_markdown(rows) + "\n")
     plot_results(rows, out / "accuracy_vs_flops.png", title=f"{config.model} on {config.dataset}")

@@ -11,7 +11,7 @@
 
 lmms-eval splits `--model_args` at every comma, so a method's fields are separate model args (`method=pdrop,
 keep_ratio=0.5`), lists are joined with `+` (`layers=2+4+6`), and `method=pdrop:keep_ratio=0.5` (one field) or
-`method=fastv,equivalent=64` (keep_ratio fitted to 64 tokens averaged over layers, see `mmreduce.eval.spec`) work
+`method=fastv,equivalent=64` (keep_ratio fitted to 64 tokens averaged over layers, see `mmreduce.spec`) work
 too. `method=baseline` (the default) runs the unreduced model, still measured.
 
 lmms-eval finds the plugin through the `lmms_eval.models` entry point (`manifest` below). This module imports
@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 import mmreduce
-from mmreduce.eval.spec import MethodSpec, parse_spec
-from mmreduce.methods.base import _REGISTRY
+from mmreduce import MethodSpec, list_methods, method_class, parse_spec
 
 try:  # lmms-eval is optional: the plugin class needs its base class, nothing else here does
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -124,8 +123,8 @@ def _method_spec(method: Any, fields: dict[str, Any]) -> MethodSpec:
     name = text.partition(":")[0].strip()
     # `layers=2` arrives as the int 2, and the spec syntax has no one-element list: hold such values back and add
     # them as 1-tuples after parsing.
-    list_fields = {f.name for f in dataclasses.fields(_REGISTRY[name]) if str(f.type).startswith("tuple")} \
-        if name in _REGISTRY else set()
+    list_fields = {f.name for f in dataclasses.fields(method_class(name)) if str(f.type).startswith("tuple")} \
+        if name in list_methods() else set()
     singles = {k: (v,) for k, v in fields.items() if k in list_fields and not isinstance(v, (tuple, list))
                and "+" not in str(v)}
     # lmms-eval already turned "0.5" into 0.5 and "true" into True; str() gives parse_spec back the same text.
@@ -286,9 +285,6 @@ class MMReduceLMM(_LmmsBase):
     # ---- reduction -----------------------------------------------------------------------------------------
     def _build_method(self, vision_tokens: int | None):
         depth = self.model.config.text_config.num_hidden_layers
-        if self.args.spec.is_baseline:
-            # An all-keeping schedule changes nothing but still measures tokens and FLOPs, like `mmreduce bench`.
-            return mmreduce.create_method("schedule", keep=[1.0] * depth)
         return self.args.spec.build(num_layers=depth, vision_tokens=vision_tokens)
 
     def _wrap(self, method) -> mmreduce.ReducedModel:

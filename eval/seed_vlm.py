@@ -20,27 +20,27 @@ Training: `eval/testbed/train_seed_vlm.py` (`mmreduce train-seed-vlm`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import math
 import os
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .tiny_models import CHECKPOINT_DIR, PROMPT, VOCABULARY, build_tokenizer
+from mmreduce import checkpoints
+from mmreduce.flops import ModelDims, prefill_flops
 
-__all__ = ["IMG_CLOSE", "IMG_OPEN", "MARKER", "SeedVLM", "SeedVLMConfig", "format_seed_prompt", "image_token",
-           "is_seed_vlm", "run_seed_bench"]
+from .accuracy import normalize_answer
+from .runners import Runner, peak_memory_mb
+from .tiny_models import PROMPT, VOCABULARY, build_tokenizer, resolve_checkpoint
+
+__all__ = ["IMG_CLOSE", "IMG_OPEN", "MARKER", "SeedVLM", "SeedVLMConfig", "SeedVLMRunner", "format_seed_prompt",
+           "image_token", "is_seed_vlm"]
 
 MARKER = "seed_vlm.json"
 IMG_OPEN, IMG_CLOSE = "<img>", "</img>"
@@ -93,24 +93,18 @@ class SeedVLMConfig:
 
 def _seed_path(name: str) -> Path:
     """A SEED checkpoint directory from a path or a shipped checkpoint name."""
-    if Path(name).is_dir():
-        return Path(name)
     from .. import tokenizers_visual
 
-    shipped = Path(tokenizers_visual.__file__).resolve().parent / "checkpoints" / name
-    if shipped.is_dir():
-        return shipped
-    raise ValueError(f"seed_tokenizer={name!r} is neither a directory nor a shipped checkpoint ({shipped})")
-
-
-def _checkpoint_path(name_or_path: str | os.PathLike) -> Path:
-    candidate = Path(name_or_path)
-    return candidate if candidate.is_dir() else CHECKPOINT_DIR / str(name_or_path)
+    root = Path(tokenizers_visual.__file__).resolve().parent / "checkpoints"
+    return checkpoints.resolve_checkpoint(name, root, "SEED tokenizer checkpoint")
 
 
 def is_seed_vlm(name_or_path: str | os.PathLike) -> bool:
     """True when the bench model (a directory or a bundled name) holds the SEED-VLM marker."""
-    return (_checkpoint_path(name_or_path) / MARKER).is_file()
+    try:
+        return (resolve_checkpoint(name_or_path) / MARKER).is_file()
+    except ValueError:
+        return False
 
 
 class SeedVLM:
@@ -218,7 +212,7 @@ class SeedVLM:
         """Offline load of a saved SEED-VLM (a directory or a name under eval/checkpoints)."""
         from ..tokenizers_visual import SeedTokenizer
 
-        path = _checkpoint_path(name_or_path)
+        path = resolve_checkpoint(name_or_path)
         if not (path / MARKER).is_file():
             raise ValueError(f"{path} is not a SEED-VLM checkpoint (no {MARKER})")
         marker = json.loads((path / MARKER).read_text())
@@ -231,66 +225,53 @@ class SeedVLM:
         return cls(SeedTokenizer.load(_seed_path(config.seed_tokenizer)), lm, tokenizer, config)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# bench harness path
+class SeedVLMRunner(Runner):
+    """The harness's view of a SEED-VLM: greedy answers with `SeedVLM.generate`, batched, CPU only.
 
+    Only methods without drop stages (`baseline`) apply: in-LLM reduction acts on patch tokens, and this model reads
+    8 discrete ids per image instead. The SEED encoder's time is kept per batch and reported in the row's note
+    (it is outside the LLM, so outside the prefill FLOPs).
+    """
 
-def run_seed_bench(config, specs, log: Callable[[str], None] = print) -> list[dict]:
-    """`mmreduce bench` for a SEED-VLM: baseline rows evaluated with `SeedVLM.generate` (batched); any other spec
-    gives a `skipped:` row, since in-LLM reduction methods act on patch tokens the model does not have.
-    Writes results.json / results.md / the plot like `harness.run_bench`; single process, no batch cache."""
-    from tqdm.auto import tqdm
+    kind = "seed-vlm"
 
-    from .accuracy import normalize_answer
-    from .benchmarks import load_benchmark
-    from .harness import RESULT_FIELDS, _summarise, plot_results, results_markdown
-    from mmreduce.flops import ModelDims, prefill_flops
+    def __init__(self, vlm: SeedVLM, checkpoint: Path | None = None):
+        self.vlm = vlm
+        self.dims = ModelDims.from_config(vlm.lm.config)
+        super().__init__(checkpoint, self.dims.num_layers)
 
-    if config.device == "cuda":
-        raise ValueError("the SEED-VLM bench path runs on the CPU only; use --device cpu or auto")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vlm = SeedVLM.load(config.model)
-    dims = ModelDims.from_config(vlm.lm.config)
-    samples = load_benchmark(config.dataset, config.split, config.samples, seed=config.seed, **config.benchmark_options)
-    log(f"{config.model} (SEED-VLM) on {config.dataset}/{config.split}: {len(samples)} samples, {dims.num_layers} "
-        f"layers, {vlm.num_image_tokens} SEED ids per image, batch {config.batch_size}, cpu")
-    rows = []
-    for spec in specs:
-        if not spec.is_baseline:
-            note = "skipped: in-LLM vision-token reduction does not apply to a SEED-token VLM (8 discrete ids)"
-            log(f"  {spec.text}: {note}")
-            rows.append({**{key: None for key in RESULT_FIELDS}, "method": spec.name, "spec": spec.text,
-                         "samples": 0, "note": note})
-            continue
-        batches, vision_ms = [], 0.0
-        for start in tqdm(range(0, len(samples), config.batch_size), desc=spec.text, disable=not config.progress,
-                          leave=False):
-            batch = samples[start:start + config.batch_size]
-            t0 = time.perf_counter()
-            ids = vlm.encode_images([s.images[0] for s in batch])  # (B, N)
-            vision_ms += (time.perf_counter() - t0) * 1e3
-            texts, timing = vlm.generate([s.question for s in batch], ids, config.max_new_tokens)
-            answers = [normalize_answer(t) for t in texts]
-            flops = [prefill_flops([n] * dims.num_layers, dims) for n in timing["prompt_tokens"]]
-            batches.append({
-                "start": start, "correct": [a == s.answer for a, s in zip(answers, batch)], "answers": answers,
-                "equivalent_vision_tokens": float(ids.shape[1]), "vision_tokens": float(ids.shape[1]),
-                "prefill_flops": sum(flops) / len(batch), "baseline_prefill_flops": sum(flops) / len(batch),
-                "prefill_ms": timing["prefill_ms"],
-                "decode_ms_per_token": timing["decode_ms"] / timing["decode_steps"] if timing["decode_steps"] else None,
-                "kv_cache_mb": timing["kv_cache_mb"],
-                "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            })
-        note = (f"SEED-token VLM: {vlm.num_image_tokens} ids + <img></img>; SEED encode "
-                f"{vision_ms / len(batches):.1f} ms/batch, not in FLOPs")
-        row = _summarise(spec, None, batches, note=note)
-        rows.append(row)
-        log(f"  {spec.text}: accuracy {row['accuracy']:.3f}, {row['vision_tokens']:.0f} vision tokens, "
-            f"prefill {row['prefill_flops'] / 1e6:.1f} MFLOPs")
-    meta = {"config": {k: v for k, v in asdict(config).items() if k != "progress"}, "device": "cpu", "processes": 1,
-            "model_kind": "seed-vlm"}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    (out / "results.md").write_text(results_markdown(rows) + "\n")
-    plot_results(rows, out / "accuracy_vs_flops.png", title=f"{config.model} on {config.dataset}")
-    return rows
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, device: str) -> "SeedVLMRunner":
+        if device != "cpu":
+            raise ValueError("the SEED-VLM bench path runs on the CPU only; use --device cpu or auto")
+        return cls(SeedVLM.load(name_or_path), resolve_checkpoint(name_or_path))
+
+    def vision_tokens(self, sample) -> int:
+        return self.vlm.num_image_tokens
+
+    def unsupported(self, method) -> str | None:
+        if method.stages(self.num_layers):
+            return "in-LLM vision-token reduction does not apply to a SEED-token VLM (8 discrete ids)"
+        return None
+
+    def run_batch(self, samples, method, max_new_tokens: int) -> dict:
+        start = time.perf_counter()
+        ids = self.vlm.encode_images([s.images[0] for s in samples])  # (B, N)
+        vision_ms = (time.perf_counter() - start) * 1e3
+        texts, timing = self.vlm.generate([s.question for s in samples], ids, max_new_tokens)
+        flops = [prefill_flops([n] * self.dims.num_layers, self.dims) for n in timing["prompt_tokens"]]
+        return {
+            "answers": [normalize_answer(t) for t in texts],
+            "equivalent_vision_tokens": float(ids.shape[1]), "vision_tokens": float(ids.shape[1]),
+            "prefill_flops": sum(flops) / len(samples), "baseline_prefill_flops": sum(flops) / len(samples),
+            "prefill_ms": timing["prefill_ms"],
+            "decode_ms_per_token": timing["decode_ms"] / timing["decode_steps"] if timing["decode_steps"] else None,
+            "kv_cache_mb": timing["kv_cache_mb"],
+            "peak_mem_mb": peak_memory_mb("cpu"),
+            "vision_ms": vision_ms,
+        }
+
+    def note(self, batches: list[dict]) -> str:
+        encode_ms = sum(b["vision_ms"] for b in batches) / len(batches)
+        return (f"SEED-token VLM: {self.vlm.num_image_tokens} ids + <img></img>; SEED encode {encode_ms:.1f} ms/batch, "
+                "not in FLOPs")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from mmreduce import checkpoints
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -267,15 +268,7 @@ def save_tiny(model, processor, path: str | os.PathLike) -> Path:
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A bundled checkpoint name (`eval/checkpoints/<name>`) or an existing directory -> its path."""
-    candidate = Path(name_or_path)
-    if candidate.is_dir():
-        return candidate
-    bundled = CHECKPOINT_DIR / str(name_or_path)
-    if bundled.is_dir():
-        return bundled
-    available = sorted(p.name for p in CHECKPOINT_DIR.iterdir() if p.is_dir()) if CHECKPOINT_DIR.is_dir() else []
-    raise ValueError(f"no tiny checkpoint {str(name_or_path)!r}: not a directory and not one of {available} "
-                     f"in {CHECKPOINT_DIR}")
+    return checkpoints.resolve_checkpoint(name_or_path, CHECKPOINT_DIR, "tiny checkpoint")
 
 
 def load_tiny(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):

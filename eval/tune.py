@@ -22,8 +22,8 @@ __all__ = ["add_subparser", "calibration_set"]
 def calibration_set(model_name: str, dataset: str, samples: int, batch_size: int, seed: int = 0,
                     split: str = "calibration"):
     """(model, processor, batches, labels): processor outputs and (B,) first-answer-token ids per batch."""
+    from .accuracy import batch_inputs
     from .benchmarks import load_benchmark
-    from .harness import _batch_inputs
     from .tiny_models import load_tiny
 
     model, processor = load_tiny(model_name)
@@ -31,7 +31,7 @@ def calibration_set(model_name: str, dataset: str, samples: int, batch_size: int
     batches, labels = [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batches.append(_batch_inputs(processor, chunk, "cpu"))
+        batches.append(dict(batch_inputs(processor, chunk)))
         ids = [processor.tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"] for s in chunk]
         ids = [x if x else processor.tokenizer(s.answer, add_special_tokens=False)["input_ids"] for x, s in zip(ids, chunk)]
         labels.append(torch.tensor([x[0] for x in ids]))

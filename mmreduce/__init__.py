@@ -10,6 +10,7 @@
 from .api import ReducedModel, unwrap, wrap
 from .flops import ModelDims, layer_flops, paper_tflops, prefill_flops
 from .methods import (
+    Baseline,
     DropStage,
     FastV,
     PyramidDrop,
@@ -19,15 +20,19 @@ from .methods import (
     ScoreContext,
     create_method,
     list_methods,
+    method_class,
     register_method,
 )
+from .spec import MethodSpec, fit_equivalent, parse_spec
 from .stats import ReductionStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Baseline",
     "DropStage",
     "FastV",
+    "MethodSpec",
     "ModelDims",
     "PyramidDrop",
     "Random",
@@ -37,9 +42,12 @@ __all__ = [
     "Schedule",
     "ScoreContext",
     "create_method",
+    "fit_equivalent",
     "layer_flops",
     "list_methods",
+    "method_class",
     "paper_tflops",
+    "parse_spec",
     "prefill_flops",
     "register_method",
     "unwrap",

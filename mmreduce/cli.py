@@ -1,32 +1,27 @@
-"""The `mmreduce` command: one entry point, sub-commands contributed by the folders that own them."""
+"""The `mmreduce` command: one entry point, sub-commands contributed by the folders that own them.
+
+Sub-commands are registered in one place, the `mmreduce.commands` entry-point group of pyproject.toml (name ->
+`module:add_subparser`); each module is imported only when the parser is built, so `import mmreduce` never pulls
+in eval, the demo, gradio or matplotlib. `methods` belongs to the core and is built in.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
+from importlib.metadata import entry_points
 
-from .methods.base import _REGISTRY, list_methods
+from .methods.base import list_methods, method_class
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMAND_GROUP", "build_parser", "main"]
 
-# (module, what it adds); a module that is absent (an optional part not installed) simply adds nothing.
-_SUBCOMMAND_MODULES = (
-    "mmreduce.eval.latency",
-    "mmreduce.eval.cli",
-    "mmreduce.eval.tune",
-    "mmreduce.eval.compare",
-    "mmreduce.eval.testbed.train_tiny",
-    "mmreduce.eval.testbed.train_seed_vlm",
-    "mmreduce.tokenizers_visual.cli",
-    "mmreduce.demo.cli",
-)
+COMMAND_GROUP = "mmreduce.commands"
 
 
 def _methods_command(args: argparse.Namespace) -> int:
     for name in list_methods():
-        cls = _REGISTRY[name]
+        cls = method_class(name)
         fields = ", ".join(
             f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")
         )
@@ -40,17 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     methods = subparsers.add_parser("methods", help="list the registered reduction methods and their fields")
     methods.set_defaults(func=_methods_command)
-    for module_name in _SUBCOMMAND_MODULES:
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                continue  # that part of mmreduce does not exist (yet)
-            raise
-        add = getattr(module, "add_subparser", None)
-        if add is not None:
-            add(subparsers)
+            add_subparser = entry.load()
+        except ImportError as error:  # an optional part whose dependencies are not installed
+            _add_unavailable(subparsers, entry.name, error)
+            continue
+        add_subparser(subparsers)
     return parser
+
+
+def _add_unavailable(subparsers, name: str, error: ImportError) -> None:
+    """A placeholder command that says why `name` cannot run, instead of breaking every other command."""
+    parser = subparsers.add_parser(name, help=f"(unavailable: {error})", add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def explain(args: argparse.Namespace) -> int:
+        print(f"mmreduce {name} is unavailable: {error} (install the extra it needs, e.g. `make setup`)",
+              file=sys.stderr)
+        return 2
+
+    parser.set_defaults(func=explain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,6 @@ class Reducer:
         self._score_at = {stage.score_layer: stage for stage in self.stages}
         self._apply_at = {stage.apply_layer: stage for stage in self.stages}
         self._first_apply = min(self._apply_at) if self._apply_at else None
-        self._group_starts = sorted(self._apply_at)
         self._dims = ModelDims.from_config(adapter.text_config)
         self._handles: list = []
         self._pending_input: tuple | None = None
@@ -266,7 +265,7 @@ class Reducer:
         with torch.no_grad():
             scores = self.method.score(context)  # (B, T_cur)
         surviving = context.vision.sum(dim=1)
-        wanted = stage.keep_counts(surviving, run.initial_vision, stage.apply_layer)
+        wanted = stage.keep_counts(surviving, run.initial_vision)
         # The query itself is never dropped, even when the prompt ends on a vision token.
         forced = context.vision & is_query
         candidates = context.vision & ~is_query

@@ -7,13 +7,13 @@ import json
 import pytest
 
 from mmreduce.eval.harness import RESULT_FIELDS, BenchConfig, run_bench
-from mmreduce.eval.spec import fit_equivalent, parse_spec
+from mmreduce import Baseline, fit_equivalent, parse_spec
 
 
 def test_spec_parsing():
     spec = parse_spec("pdrop:layers=2+4+6,keep_ratio=0.5")
     assert spec.name == "pdrop" and dict(spec.kwargs) == {"layers": (2, 4, 6), "keep_ratio": 0.5}
-    assert parse_spec("baseline").build() is None
+    assert isinstance(parse_spec("baseline").build(), Baseline)  # the unreduced model is a registered method
     assert parse_spec("random:seed=3,layer=1").build().seed == 3
     for bad, message in [("fastv:ratio=1", "no field 'ratio'"), ("nope", "unknown method"),
                          ("fastv:layer", "not key=value"), ("baseline:x=1", "no parameters"),

@@ -34,10 +34,10 @@ def test_top_k_breaks_ties_toward_earlier_positions():
 
 def test_keep_counts_are_ceilings_without_float_error():
     stage = DropStage(score_layer=1, apply_layer=1, ratio=0.25)
-    assert stage.keep_counts(torch.tensor([576, 3, 1]), torch.tensor([576, 3, 1]), 1).tolist() == [144, 1, 1]
+    assert stage.keep_counts(torch.tensor([576, 3, 1]), torch.tensor([576, 3, 1])).tolist() == [144, 1, 1]
     fraction = DropStage(score_layer=1, apply_layer=1, fraction=1 / 3)
-    assert fraction.keep_counts(torch.tensor([100]), torch.tensor([576]), 1).tolist() == [100]  # ⌈192⌉ capped
-    assert fraction.keep_counts(torch.tensor([576]), torch.tensor([576]), 1).tolist() == [192]
+    assert fraction.keep_counts(torch.tensor([100]), torch.tensor([576])).tolist() == [100]  # ⌈192⌉ capped
+    assert fraction.keep_counts(torch.tensor([576]), torch.tensor([576])).tolist() == [192]
 
 
 def test_pdrop_default_layers_scale_the_papers_8_16_24():

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from PIL import Image  # noqa: E402
 
+import mmreduce  # noqa: E402
 from mmreduce.demo import inputs  # noqa: E402
 from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedule, run_demo  # noqa: E402
 from mmreduce.demo.compare import prepare_inputs, vision_positions  # noqa: E402
@@ -85,7 +86,7 @@ def test_examples_exist_and_name_served_models(store):
 def test_methods_plan_independent_counts():
     choices = build_methods(["fastv", "pdrop"], num_layers=8, vision_tokens=256, fastv_layer=3, fastv_keep=0.25,
                             pdrop_layers="2, 5", pdrop_keep=0.5)
-    assert [c.label for c in choices][0] == "baseline" and choices[0].method is None
+    assert [c.label for c in choices][0] == "baseline" and isinstance(choices[0].method, mmreduce.Baseline)
     assert choices[1].planned == [256] * 3 + [64] * 5  # ceil(0.25 * 256) from layer 3 on
     assert choices[2].planned == [256, 256, 128, 128, 128, 64, 64, 64]
 

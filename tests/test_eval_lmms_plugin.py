@@ -47,7 +47,7 @@ def test_model_args_become_a_method_spec():
     args = parse_model_args("x", method="'fastv:layer=3'", keep_ratio=0.5, device="cpu")
     assert dict(args.spec.kwargs) == {"layer": 3, "keep_ratio": 0.5}
     assert parse_model_args("x", method="pdrop", equivalent=64.0, device="cpu").spec.equivalent == 64.0
-    assert parse_model_args("x", device="cpu").spec.is_baseline
+    assert parse_model_args("x", device="cpu").spec.name == "baseline"
     # lmms-eval turns "layers=2" into the int 2; a list field still gets a list
     assert dict(parse_model_args("x", method="pdrop", layers=2, device="cpu").spec.kwargs) == {"layers": (2,)}
 

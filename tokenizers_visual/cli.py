@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["add_subparser"]
 
-_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -31,13 +31,12 @@ def _threads(n: int) -> None:
 
 def _resolve_checkpoint(name: str) -> Path:
     """A folder path, or the name of a shipped checkpoint under tokenizers_visual/checkpoints/."""
-    p = Path(name)
-    if p.is_dir():
-        return p
-    if (_CHECKPOINTS / name).is_dir():
-        return _CHECKPOINTS / name
-    shipped = sorted(x.name for x in _CHECKPOINTS.iterdir()) if _CHECKPOINTS.is_dir() else []
-    raise SystemExit(f"checkpoint {name!r} is neither a folder nor a shipped checkpoint {shipped}")
+    from mmreduce.checkpoints import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(name, CHECKPOINT_DIR, "tokenizer checkpoint")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 # ----- SEED -----

@@ -26,6 +26,7 @@ __all__ = [
     "ScoreContext",
     "create_method",
     "list_methods",
+    "method_class",
     "register_method",
     "top_k_sorted",
 ]
@@ -53,11 +54,16 @@ def list_methods(pattern: str = "*") -> list[str]:
     return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
 
 
-def create_method(name: str, **kwargs: Any) -> "ReductionMethod":
-    """Builds a registered method; `None` values are dropped so unset CLI options keep the defaults."""
+def method_class(name: str) -> type["ReductionMethod"]:
+    """The class registered under `name`; ValueError listing the registered names otherwise."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create_method(name: str, **kwargs: Any) -> "ReductionMethod":
+    """Builds a registered method; `None` values are dropped so unset CLI options keep the defaults."""
+    cls = method_class(name)
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(kwargs) - fields)
@@ -87,7 +93,7 @@ class DropStage:
         if not 0 <= self.score_layer <= self.apply_layer:
             raise ValueError(f"DropStage needs 0 <= score_layer <= apply_layer, got {self.score_layer}, {self.apply_layer}")
 
-    def keep_counts(self, surviving: torch.Tensor, initial: torch.Tensor, layer_count: int) -> torch.Tensor:
+    def keep_counts(self, surviving: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
         """(B,) vision tokens to keep per sample, given (B,) surviving and (B,) initial counts."""
         if self.ratio is not None:
             wanted = _ceil(self.ratio * surviving.double())
@@ -157,6 +163,15 @@ class ReductionMethod:
 
     name: ClassVar[str] = "base"
 
+    @classmethod
+    def example(cls, num_layers: int, keep_all: bool = False) -> "ReductionMethod":
+        """A small instance for a model with `num_layers` decoder layers that drops vision tokens, or with
+        `keep_all` runs its drop stages but keeps every token (what the invariant tests and docs use).
+
+        Raises NotImplementedError, naming why, when the method cannot be shown on a generic tiny model.
+        """
+        raise NotImplementedError(f"{cls.__name__} defines no example(); override ReductionMethod.example")
+
     def stages(self, num_layers: int) -> list[DropStage]:
         """The drop boundaries for a decoder with `num_layers` layers (validated by `check_stages`)."""
         raise NotImplementedError
@@ -170,7 +185,7 @@ class ReductionMethod:
         stages = {stage.apply_layer: stage for stage in self.check_stages(num_layers)}
         for layer in range(num_layers):
             if layer in stages:
-                current = stages[layer].keep_counts(current, torch.tensor([initial]), layer)
+                current = stages[layer].keep_counts(current, torch.tensor([initial]))
             counts.append(int(current[0]))
         return counts
 

@@ -26,5 +26,11 @@ class FastV(ReductionMethod):
         check_layer("FastV", "layer", self.layer)
         check_ratio("FastV", "keep_ratio", self.keep_ratio)
 
+    @classmethod
+    def example(cls, num_layers: int, keep_all: bool = False) -> "FastV":
+        if keep_all:
+            return cls(layer=1, keep_ratio=1.0)
+        return cls(layer=min(2, num_layers - 1), keep_ratio=0.25)
+
     def stages(self, num_layers: int) -> list[DropStage]:
         return [DropStage(score_layer=self.layer - 1, apply_layer=self.layer, ratio=self.keep_ratio)]

@@ -42,6 +42,12 @@ class PyramidDrop(ReductionMethod):
                 raise ValueError(f"PyramidDrop.layers must be strictly increasing, got {self.layers}")
         check_ratio("PyramidDrop", "keep_ratio", self.keep_ratio)
 
+    @classmethod
+    def example(cls, num_layers: int, keep_all: bool = False) -> "PyramidDrop":
+        if keep_all:
+            return cls(layers=tuple(range(1, num_layers, 2)), keep_ratio=1.0)
+        return cls(keep_ratio=0.5)
+
     def stages(self, num_layers: int) -> list[DropStage]:
         layers = self.layers if self.layers is not None else default_pdrop_layers(num_layers)
         return [DropStage(score_layer=layer, apply_layer=layer, ratio=self.keep_ratio) for layer in layers]

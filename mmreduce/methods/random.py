@@ -41,6 +41,12 @@ class Random(ReductionMethod):
         if self._schedule is not None:
             self.keep = self._schedule.keep
 
+    @classmethod
+    def example(cls, num_layers: int, keep_all: bool = False) -> "Random":
+        if keep_all:
+            return cls(layer=1, keep_ratio=1.0)
+        return cls(layer=min(3, num_layers - 1), keep_ratio=0.3, seed=7)
+
     def stages(self, num_layers: int) -> list[DropStage]:
         if self._schedule is not None:
             return self._schedule.stages(num_layers)

@@ -76,6 +76,13 @@ class Schedule(ReductionMethod):
                 )
         self.keep = keep
 
+    @classmethod
+    def example(cls, num_layers: int, keep_all: bool = False) -> "Schedule":
+        """keep_all: 1.0 everywhere; otherwise 1, 1, then halving every two layers (6 layers: 1, 1, .5, .5, .25, .25)."""
+        if keep_all:
+            return cls(keep=[1.0] * num_layers)
+        return cls(keep=[1.0 if layer < 2 else 0.5 ** ((layer - 2) // 2 + 1) for layer in range(num_layers)])
+
     def stages(self, num_layers: int) -> list[DropStage]:
         if len(self.keep) != num_layers:
             made_for = f" (made for {self.model})" if self.model else ""

@@ -2,7 +2,7 @@
 
     pdrop:layers=2+4+6,keep_ratio=0.5      -> ("pdrop", {"layers": (2, 4, 6), "keep_ratio": 0.5})
     fastv:layer=2,equivalent=0.33          -> fitted: keep_ratio chosen so 33% of vision tokens remain on average
-    baseline                               -> the unreduced model
+    baseline                               -> the unreduced model (a registered method like any other)
 
 `equivalent` is not a method field: the harness fits the method's `keep_ratio` so that the vision tokens averaged
 over layers equal that fraction of the image's tokens (or that many tokens, when > 1).
@@ -15,12 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import mmreduce
-from mmreduce.methods.base import _REGISTRY
+from .methods.base import ReductionMethod, create_method, list_methods, method_class
 
 __all__ = ["MethodSpec", "fit_equivalent", "parse_spec"]
-
-BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
@@ -30,17 +27,11 @@ class MethodSpec:
     equivalent: float | None = None
     text: str = ""
 
-    @property
-    def is_baseline(self) -> bool:
-        return self.name == BASELINE
-
-    def build(self, num_layers: int | None = None, vision_tokens: int | None = None) -> mmreduce.ReductionMethod | None:
-        """The method object (None for the baseline); fits `keep_ratio` when an equivalent budget was asked for."""
-        if self.is_baseline:
-            return None
+    def build(self, num_layers: int | None = None, vision_tokens: int | None = None) -> ReductionMethod:
+        """The method object; fits `keep_ratio` when an equivalent budget was asked for."""
         kwargs = dict(self.kwargs)
         if self.equivalent is None:
-            return mmreduce.create_method(self.name, **kwargs)
+            return create_method(self.name, **kwargs)
         if num_layers is None or vision_tokens is None:
             raise ValueError(f"spec {self.text!r} asks for an equivalent budget: the model depth and vision tokens "
                              "are needed to fit it")
@@ -69,13 +60,13 @@ def parse_spec(text: str) -> MethodSpec:
         raise ValueError(f"empty method spec {text!r}")
     name, _, rest = text.strip().partition(":")
     name = name.strip()
-    if name != BASELINE and name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r} in spec {text!r}; choose baseline or one of {mmreduce.list_methods()}")
-    if name == BASELINE and rest:
-        raise ValueError(f"baseline takes no parameters, got {text!r}")
+    if name not in list_methods():
+        raise ValueError(f"unknown method {name!r} in spec {text!r}; choose one of {list_methods()}")
     kwargs: dict[str, Any] = {}
     equivalent = None
-    fields = {f.name for f in dataclasses.fields(_REGISTRY[name]) if f.init} if name != BASELINE else set()
+    fields = {f.name for f in dataclasses.fields(method_class(name)) if f.init}
+    if not fields and rest.strip():
+        raise ValueError(f"{name} takes no parameters, got {text!r}")
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -93,7 +84,7 @@ def parse_spec(text: str) -> MethodSpec:
         raise ValueError(f"equivalent= needs a method with a keep_ratio field, {name} has none")
     if equivalent is not None and "keep_ratio" in kwargs:
         raise ValueError(f"give either keep_ratio or equivalent in {text!r}, not both")
-    mmreduce.create_method(name, **kwargs) if name != BASELINE else None  # validate the fields now
+    create_method(name, **kwargs)  # validate the fields now
     return MethodSpec(name, tuple(sorted(kwargs.items())), equivalent, text.strip())
 
 
@@ -106,7 +97,7 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
     target = equivalent * vision_tokens if equivalent <= 1 else equivalent
 
     def mean_tokens(ratio: float) -> float:
-        method = mmreduce.create_method(name, **kwargs, keep_ratio=ratio)
+        method = create_method(name, **kwargs, keep_ratio=ratio)
         counts = method.planned_counts(num_layers, vision_tokens)
         return sum(counts) / num_layers
 
@@ -117,7 +108,7 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
             f"its minimum is {mean_tokens(low):.1f} (layers before the first drop keep all {vision_tokens})"
         )
     if mean_tokens(high) <= target:
-        return mmreduce.create_method(name, **kwargs, keep_ratio=1.0)
+        return create_method(name, **kwargs, keep_ratio=1.0)
     for _ in range(60):
         middle = (low + high) / 2
         if mean_tokens(middle) > target:
@@ -125,4 +116,4 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
         else:
             low = middle
     # Floor (not round) to 6 digits: the fitted method must stay within the budget.
-    return mmreduce.create_method(name, **kwargs, keep_ratio=max(math.floor(low * 1e6) / 1e6, 1e-6))
+    return create_method(name, **kwargs, keep_ratio=max(math.floor(low * 1e6) / 1e6, 1e-6))

@@ -1,0 +1,142 @@
+"""How the harness runs a model: one small interface, whatever the model is.
+
+    runner = load_runner("tiny-llava-shapes", device="cpu")
+    reason = runner.unsupported(method)            # None, or why this model cannot run the method
+    record = runner.run_batch(samples, method, max_new_tokens=3)
+
+`WrappedVLMRunner` runs a stock Hugging Face VLM under `mmreduce.wrap`; `eval/seed_vlm.py` provides the runner of
+the SEED-token VLM. `load_runner` picks one from what the checkpoint folder holds, so the harness never imports a
+model kind it does not run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import mmreduce
+from mmreduce.adapters import get_adapter
+
+from .accuracy import batch_inputs, normalize_answer
+from .benchmarks import Sample
+
+__all__ = ["BATCH_FIELDS", "Runner", "WrappedVLMRunner", "load_runner", "peak_memory_mb"]
+
+#: What `run_batch` returns for one batch (per-sample means, except the totals named *_ms).
+BATCH_FIELDS = ("answers", "equivalent_vision_tokens", "vision_tokens", "prefill_flops", "baseline_prefill_flops",
+                "prefill_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb")
+
+
+class Runner:
+    """A model the harness can evaluate: its depth, its vision tokens, and greedy answers under a method."""
+
+    #: Written to results.json (`meta.runner`).
+    kind = "runner"
+
+    def __init__(self, checkpoint: Path | None, num_layers: int):
+        self.checkpoint = checkpoint
+        self.num_layers = num_layers
+
+    def vision_tokens(self, sample: Sample) -> int:
+        """Vision tokens of one sample's prompt (what `equivalent=` budgets are fitted to)."""
+        raise NotImplementedError
+
+    def unsupported(self, method: mmreduce.ReductionMethod) -> str | None:
+        """Why this model cannot run `method` (the result row says so), or None."""
+        return None
+
+    def run_batch(self, samples: Sequence[Sample], method: mmreduce.ReductionMethod, max_new_tokens: int) -> dict:
+        """Greedy answers of `samples` under `method`, with its cost: a dict of `BATCH_FIELDS`."""
+        raise NotImplementedError
+
+    def note(self, batches: list[dict]) -> str:
+        """A remark for the result row of a method, from its batch records ("" for none)."""
+        return ""
+
+    def fingerprint(self) -> str:
+        """Changes whenever the weights do, so a retrained model never reuses stale cached batches."""
+        if self.checkpoint is None:
+            return ""
+        digest = hashlib.sha1()
+        for path in sorted(self.checkpoint.glob("*.safetensors")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+
+class WrappedVLMRunner(Runner):
+    """A Hugging Face VLM (any family with an adapter) evaluated through `mmreduce.wrap` and greedy `generate()`."""
+
+    kind = "wrapped-vlm"
+
+    def __init__(self, model, processor, device: str, checkpoint: Path | None = None):
+        self.model, self.processor, self.device = model, processor, device
+        self.adapter = get_adapter(model)
+        super().__init__(checkpoint, len(self.adapter.decoder_layers()))
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, device: str) -> "WrappedVLMRunner":
+        from .tiny_models import load_tiny, resolve_checkpoint
+
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model, processor = load_tiny(name_or_path, dtype=dtype)
+        return cls(model.to(device), processor, device, resolve_checkpoint(name_or_path))
+
+    def inputs(self, samples: Sequence[Sample]) -> dict:
+        """The processor batch of `samples` (prompts left-padded) on the runner's device."""
+        return {k: v.to(self.device) for k, v in batch_inputs(self.processor, samples).items()}
+
+    def vision_tokens(self, sample: Sample) -> int:
+        return int(self.adapter.vision_mask(input_ids=self.inputs([sample])["input_ids"]).sum())
+
+    def run_batch(self, samples: Sequence[Sample], method: mmreduce.ReductionMethod, max_new_tokens: int) -> dict:
+        inputs = self.inputs(samples)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        reduced = mmreduce.wrap(self.model, method)
+        try:
+            with torch.inference_mode():
+                out = reduced.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=self.processor.tokenizer.pad_token_id,
+                                       return_dict_in_generate=True)
+            stats = reduced.stats
+        finally:
+            reduced.unwrap()
+        new = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, new) generated ids only
+        texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers) if cache else 0
+        flops, baseline_flops = stats.flops()
+        return {
+            "answers": [normalize_answer(t) for t in texts],
+            "equivalent_vision_tokens": stats.equivalent_vision_tokens,
+            "vision_tokens": statistics.mean(stats.initial_vision_tokens),
+            "prefill_flops": flops / len(samples),
+            "baseline_prefill_flops": baseline_flops / len(samples),
+            "prefill_ms": stats.prefill_ms,
+            "decode_ms_per_token": stats.decode_ms_per_token,
+            "kv_cache_mb": kv_bytes / 2**20,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory since the last reset on CUDA; on the CPU the process's peak resident size so far."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_runner(name_or_path: str | os.PathLike, device: str) -> Runner:
+    """The runner for a bundled model name or a checkpoint folder, chosen from what the folder holds."""
+    from .seed_vlm import SeedVLMRunner, is_seed_vlm
+
+    if is_seed_vlm(name_or_path):
+        return SeedVLMRunner.load(name_or_path, device)
+    return WrappedVLMRunner.load(name_or_path, device)
