@@ -7,7 +7,7 @@
     reduced.unwrap()
 """
 
-from .api import ReducedModel, unwrap, wrap
+from .api import LayerPrefix, ReducedModel, capture_prefix, resume_prefix, unwrap, wrap
 from .flops import ModelDims, layer_flops, paper_tflops, prefill_flops
 from .methods import (
     Baseline,
@@ -32,6 +32,7 @@ __all__ = [
     "Baseline",
     "DropStage",
     "FastV",
+    "LayerPrefix",
     "MethodSpec",
     "ModelDims",
     "PyramidDrop",
@@ -41,6 +42,7 @@ __all__ = [
     "ReductionStats",
     "Schedule",
     "ScoreContext",
+    "capture_prefix",
     "create_method",
     "fit_equivalent",
     "layer_flops",
@@ -50,6 +52,7 @@ __all__ = [
     "parse_spec",
     "prefill_flops",
     "register_method",
+    "resume_prefix",
     "unwrap",
     "wrap",
 ]

@@ -6,15 +6,16 @@ import time
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from mmreduce.adapters import ModelAdapter, get_adapter
 
-from .engine import Reducer
+from .engine import LayerPrefix, Reducer
 from .methods.base import ReductionMethod, create_method
 from .stats import ReductionStats
 
-__all__ = ["ReducedModel", "unwrap", "wrap"]
+__all__ = ["LayerPrefix", "ReducedModel", "capture_prefix", "resume_prefix", "unwrap", "wrap"]
 
 # model -> its ReducedModel; a model can be wrapped once at a time, and two models never share a Reducer.
 _WRAPPED: "weakref.WeakKeyDictionary[nn.Module, ReducedModel]" = weakref.WeakKeyDictionary()
@@ -138,3 +139,25 @@ def unwrap(model: nn.Module | ReducedModel) -> nn.Module:
     if reduced is None:
         raise ValueError(f"{type(model).__name__} is not wrapped by mmreduce")
     return reduced.unwrap()
+
+
+def capture_prefix(model: nn.Module, method: ReductionMethod, inputs: dict, layer: int) -> LayerPrefix:
+    """Runs one prefill of `inputs` under `method` through decoder layers < `layer` and stops at the input of `layer`.
+
+    With `resume_prefix`, a search that changes only what happens from `layer` on (G-Search, layer by layer) pays
+    for the layers before it once. `inputs` are processor outputs (prompts left-padded).
+    """
+    with wrap(model, method) as reduced:
+        with torch.inference_mode():
+            return reduced._reducer.capture(lambda: model(**inputs, use_cache=False, logits_to_keep=1), layer)
+
+
+def resume_prefix(model: nn.Module, method: ReductionMethod, prefix: LayerPrefix) -> torch.Tensor:
+    """Finishes a captured prefill under `method` (which must keep what the captured one kept before
+    `prefix.layer`): (B, D) output of the last decoder layer at each sample's last prompt token (before the final
+    norm; `adapter.logits_from_hidden` turns it into logits)."""
+    with wrap(model, method) as reduced:
+        with torch.inference_mode():
+            hidden, query = reduced._reducer.resume(prefix)  # (B, T, D), (B,)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, query]  # (B, D)

@@ -16,10 +16,12 @@ as left padding is, so a padded batch computes exactly what each sample computes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from .flops import ModelDims
 from .methods.base import DropStage, ReductionMethod, ScoreContext, top_k_sorted
 from .stats import ReductionStats
 
-__all__ = ["Reducer", "SUPPORTED_ATTENTION"]
+__all__ = ["LayerPrefix", "Reducer", "SUPPORTED_ATTENTION"]
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -87,6 +89,33 @@ class _DecodeRun:
     group_mask: object = None
 
 
+@dataclass
+class LayerPrefix:
+    """The input of decoder layer `layer` for one prefill batch, as a (possibly reduced) prefill reached it.
+
+    Made by `Reducer.capture` and consumed by `Reducer.resume`, so that a search over what happens from `layer` on
+    runs the layers before it once (G-Search). Attributes:
+        layer: the decoder layer whose input this is.
+        args, kwargs: that layer's call arguments (`args[0]` or `kwargs["hidden_states"]`: (B, T_l, D)).
+        query_index: (B,) position of the last prompt token in that stream.
+    """
+
+    layer: int
+    args: tuple
+    kwargs: dict
+    query_index: torch.Tensor
+    _state: "_PrefillRun | None" = None
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        """(B, T_l, D) the stream entering `layer`."""
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the layers after the captured one are not needed."""
+
+
 class Reducer:
     """Installs the hooks of one (model, method) pair; `remove()` takes every one of them away again."""
 
@@ -132,6 +161,54 @@ class Reducer:
             self._handles.pop().remove()
         self._run = None
         self._pending_input = None
+
+    # ---- prefix reuse -----------------------------------------------------------------------------------------
+    def capture(self, prefill: Callable[[], Any], layer: int) -> LayerPrefix:
+        """Runs `prefill()` (one prefill forward of the hooked model) up to the input of decoder layer `layer`,
+        stops there, and returns that input with the engine's state (what was dropped before `layer`)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+        captured: list[LayerPrefix] = []
+
+        def grab(module, args, kwargs):
+            # Prepended: runs before this layer's own engine hook, so nothing of `layer` is applied yet.
+            run = self._run if isinstance(self._run, _PrefillRun) else None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            query = run.query_index() if run is not None else _last_position(hidden)
+            captured.append(LayerPrefix(layer, args, dict(kwargs), query, _copy_run(run)))
+            raise _StopForward
+
+        handle = self.layers[layer].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+        try:
+            prefill()
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+            self._run = None
+        if not captured:
+            raise RuntimeError(f"the prefill never reached decoder layer {layer}")
+        return captured[0]
+
+    def resume(self, prefix: LayerPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs decoder layers >= `prefix.layer` under this reducer's method, from a captured prefix.
+
+        The method must keep what the captured prefill kept before `prefix.layer` (a search changes only the
+        layers from there on). Returns ((B, T_last, D) output of the last decoder layer, (B,) position of the last
+        prompt token in it).
+        """
+        self._run = _copy_run(prefix._state)
+        self._phase = "prefill"
+        hidden = prefix.hidden_states
+        kwargs = {k: v for k, v in prefix.kwargs.items() if k != "hidden_states"}
+        try:
+            for module in self.layers[prefix.layer:]:
+                hidden = module(hidden, *prefix.args[1:], **kwargs)
+            run = self._run
+            query = run.query_index() if isinstance(run, _PrefillRun) else prefix.query_index
+        finally:
+            self._run = None
+        return hidden, query
 
     # ---- hooks ------------------------------------------------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
@@ -420,6 +497,19 @@ def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     valid = slot >= 0
     gather = kept_first.gather(1, slot.clamp(min=0))
     return gather, valid
+
+
+def _copy_run(run: _PrefillRun | None) -> _PrefillRun | None:
+    """A copy of a prefill state whose containers can grow independently (its tensors are never mutated)."""
+    if run is None:
+        return None
+    return dataclasses.replace(run, counts=list(run.counts), kept_positions=dict(run.kept_positions),
+                               groups=list(run.groups), pending=dict(run.pending), group_kwargs=dict(run.group_kwargs))
+
+
+def _last_position(hidden: torch.Tensor) -> torch.Tensor:
+    """(B,) the last position of a (B, T, D) stream: the query when nothing was reduced."""
+    return torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
 
 
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
