@@ -8,7 +8,7 @@ Two recipes are registered in `TINY_MODELS`:
 
 - `tiny-llava-shapes`: `LlavaForConditionalGeneration`, CLIP tower on 128 px images with 8 px patches
   (16 x 16 = 256 vision tokens, CLS dropped) + an 8-layer Llama; trained on `shapes`. (576 tokens would
-  triple the training cost, which the shared 2-core budget could not carry.)
+  triple the training cost on two CPU cores.)
 - `tiny-llava-next-docs`: `LlavaNextForConditionalGeneration` (anyres): 64 px crops with 16 px patches
   (16 tokens per crop), pinpoints 128x128 / 192x128 / 128x192, plus the base image and one newline token per
   row (a 128 px page: 16 base + 64 grid + 8 newlines = 88 vision tokens); trained on `docs`.

@@ -163,7 +163,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     t.add_argument("--out", required=True, help="checkpoint folder to write")
     t.add_argument("--objective", choices=("masked", "next", "tokenunify"), default="tokenunify")
     t.add_argument("--steps", type=int, default=600, help="steps per stage")
-    t.add_argument("--batch-size", type=int, default=32, help="volumes per step (the session-1 runs used 8)")
+    t.add_argument("--batch-size", type=int, default=32, help="volumes per step")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--init", help="start from this checkpoint (e.g. the masked stage, for the two-stage schedule)")
     t.add_argument("--seed", type=int, default=0)
