@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bench compare latency lmms test clean-venv
+.PHONY: setup bench compare latency lmms test test-quick clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ lmms: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The quick loop while developing: every test not marked slow (make test still runs them all).
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)
