@@ -137,6 +137,7 @@ def test_entry_point_registers_the_plugin():
     assert get_model("mmreduce") is MMReduceLMM
 
 
+@pytest.mark.slow  # lmms-eval's evaluator end to end, then the same reduction sample by sample
 def test_generate_until_matches_the_plain_reduced_model(monkeypatch, tiny_checkpoint):
     from mmreduce.eval.accuracy import generate_answers
     from mmreduce.eval.benchmarks import load_benchmark
@@ -158,6 +159,7 @@ def test_generate_until_matches_the_plain_reduced_model(monkeypatch, tiny_checkp
     assert 0.4 < run["prefill_flops_ratio"] < 0.9
 
 
+@pytest.mark.slow  # lmms-eval's evaluator end to end, then one generate() per sample
 def test_loglikelihood_scores_choices_like_reduced_generation(monkeypatch, tiny_checkpoint):
     from mmreduce.eval.benchmarks import load_benchmark
     from mmreduce.eval.tiny_models import load_tiny, prompt_for

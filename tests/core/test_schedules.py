@@ -20,7 +20,7 @@ from mmreduce.schedules import (
     schedule_cost,
     tune_psigmoid,
 )
-from _vlm_factory import llava_batch, tiny_llava
+from tests.support.vlm_factory import llava_batch, tiny_llava
 
 
 def test_greedy_search_finds_the_known_optimum_of_a_monotone_toy():

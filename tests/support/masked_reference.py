@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+__all__ = ["dropped_from_kept", "masked_forward", "masked_greedy", "reference_selection"]
+
 
 @contextmanager
 def _eager(model):
@@ -75,7 +77,8 @@ def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], c
 def reference_selection(model, inputs: dict, stages: list[dict], image_token: int):
     """Re-derives each stage's kept vision tokens from eager attention, one full forward per stage.
 
-    `stages`: dicts with score_layer, apply_layer and one of ratio / fraction (the method's definition).
+    `stages`: dicts with score_layer, apply_layer and one of ratio (of the surviving vision tokens), fraction (of
+    the sample's initial ones) or count (absolute), as the method defines its drops.
     Query = the last prompt position (T - 1, prompts are left padded). Ties -> earlier position.
 
     Returns {apply_layer: (B, T) bool dropped-from-here mask}, {apply_layer: per-sample sorted kept positions}.
@@ -93,8 +96,11 @@ def reference_selection(model, inputs: dict, stages: list[dict], image_token: in
             surviving = [i for i in range(vision.shape[1]) if vision[row, i] and not dropped[row, i]]
             if "ratio" in stage:
                 keep = math.ceil(stage["ratio"] * len(surviving) - 1e-9)
-            else:
+            elif "fraction" in stage:
                 keep = math.ceil(stage["fraction"] * int(initial[row]) - 1e-9)
+            else:
+                keep = stage["count"]
+            keep = min(keep, len(surviving))
             ranked = sorted(surviving, key=lambda i: (-float(scores[row, i]), i))
             kept = sorted(ranked[:keep])
             for i in surviving:

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mmreduce
 from mmreduce.adapters import get_adapter
 from mmreduce.flops import ModelDims, decode_flops_per_token, layer_flops, paper_tflops, prefill_flops
-from _vlm_factory import llava_batch, tiny_llava
+from tests.support.vlm_factory import llava_batch, tiny_llava
 
 LLAVA_7B = ModelDims(hidden=4096, intermediate=11008, num_heads=32, num_kv_heads=32, head_dim=128, num_layers=32)
 

@@ -1,4 +1,8 @@
-"""Method definitions, validation and bad input (ARCHITECTURE §4.5-4.7, §5)."""
+"""Method definitions, the registry, validation and bad input to `wrap` (ARCHITECTURE §4.5-4.7, §5).
+
+The engine's own refusals (static cache, 4-D masks, unsupported attention, unknown model types) are in
+test_engine.py.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,38 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
 
 import mmreduce
-from mmreduce.adapters import ModelAdapter, get_adapter
 from mmreduce.methods import DropStage, default_pdrop_layers, top_k_sorted
-from _vlm_factory import llava_batch, tiny_llava
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava("sdpa", layers=6)
+@pytest.fixture
+def model(module_llava):
+    """The module's tiny LLaVA-1.5 (sdpa, 6 layers): these tests wrap and unwrap it."""
+    return module_llava
 
 
 def test_registry_lists_the_methods():
-    assert {"fastv", "pdrop", "schedule", "random"} <= set(mmreduce.list_methods())
+    assert {"baseline", "fastv", "pdrop", "schedule", "random"} <= set(mmreduce.list_methods())
     assert mmreduce.list_methods("p*") == ["pdrop"]
+    assert mmreduce.method_class("fastv") is mmreduce.FastV and mmreduce.method_class("baseline") is mmreduce.Baseline
+    with pytest.raises(ValueError, match="unknown method 'fastvv'; registered methods: baseline, fastv"):
+        mmreduce.method_class("fastvv")
+
+
+def test_examples_fit_the_depth_and_keep_all_keeps_everything():
+    """Every registered method's example is valid on the model it is made for; the keep-all one plans no drop."""
+    for name in mmreduce.list_methods():
+        cls = mmreduce.method_class(name)
+        for layers in (2, 6, 32):
+            try:
+                dropping, keep_all = cls.example(layers), cls.example(layers, keep_all=True)
+            except NotImplementedError as why:
+                assert str(why), f"{name}.example raised NotImplementedError without a reason"
+                continue
+            assert isinstance(dropping, cls) and isinstance(keep_all, cls)
+            assert keep_all.planned_counts(layers, 64) == [64] * layers
+            assert dropping.planned_counts(layers, 64)[0] == 64  # layer 0 is never reduced
 
 
 def test_top_k_breaks_ties_toward_earlier_positions():
@@ -96,8 +116,8 @@ def test_layers_out_of_range_and_wrong_schedule_length(model):
     assert not any(m._forward_pre_hooks for m in model.model.language_model.layers)  # failed wraps leave no hooks
 
 
-def test_count_schedule_must_match_the_image(model):
-    batch = llava_batch()
+def test_count_schedule_must_match_the_image(model, llava_inputs):
+    batch = llava_inputs
     with torch.no_grad(), mmreduce.wrap(model, "schedule", keep=[48, 48, 20, 20, 10, 10]) as reduced:
         with pytest.raises(ValueError, match="made for 48 vision tokens, but sample 0 has 64"):
             reduced(**batch)
@@ -106,7 +126,7 @@ def test_count_schedule_must_match_the_image(model):
         assert reduced.stats.vision_tokens_per_layer == [[64, 64, 30, 30, 10, 10]] * 3
 
 
-def test_schedule_json_round_trip_and_errors(tmp_path, model):
+def test_schedule_json_round_trip_and_errors(tmp_path, model, llava_inputs):
     schedule = mmreduce.Schedule(keep=[1.0, 1.0, 0.5, 0.5, 0.25, 0.25], model="tiny", budget=0.5)
     path = tmp_path / "schedule.json"
     schedule.to_json(path)
@@ -114,7 +134,7 @@ def test_schedule_json_round_trip_and_errors(tmp_path, model):
     assert loaded.keep == schedule.keep and loaded.unit == "fraction" and loaded.model == "tiny"
     assert json.loads(path.read_text())["num_layers"] == 6
     with torch.no_grad(), mmreduce.wrap(model, "schedule", path=str(path)) as reduced:
-        reduced(**llava_batch())
+        reduced(**llava_inputs)
         assert reduced.stats.vision_tokens_per_layer[0] == [64, 64, 32, 32, 16, 16]
     with pytest.raises(ValueError, match="does not exist"):
         mmreduce.Schedule(path=str(tmp_path / "missing.json"))
@@ -126,55 +146,8 @@ def test_schedule_json_round_trip_and_errors(tmp_path, model):
         mmreduce.wrap(model, "schedule", path=str(tmp_path / "deep.json"))
 
 
-def test_static_cache_and_4d_masks_are_refused(model):
-    batch = llava_batch(prompt_lengths=((3, 5),))
-    with torch.no_grad(), mmreduce.wrap(model, "fastv") as reduced:
-        with pytest.raises(ValueError, match="DynamicCache"):
-            reduced.generate(**batch, max_new_tokens=2, cache_implementation="static")
-        static = StaticCache(config=model.config.text_config, max_cache_len=128)
-        with pytest.raises(ValueError, match="DynamicCache"):
-            reduced(**batch, cache=static)
-        four_d = torch.ones(1, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
-        with pytest.raises(ValueError, match="2-D attention mask"):
-            reduced(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=four_d)
-        reduced(**batch, cache=DynamicCache(config=model.config.text_config))  # the supported cache works
-
-
-def test_unsupported_attention_and_unknown_model_type(model):
-    previous = model.config.text_config._attn_implementation
-    model.config.text_config._attn_implementation = "flex_attention"
-    try:
-        with pytest.raises(ValueError, match="'flex_attention' is not supported"):
-            mmreduce.wrap(model, "fastv")
-    finally:
-        model.config.text_config._attn_implementation = previous
-    text_only = model.model.language_model
-    with pytest.raises(ValueError, match="no mmreduce adapter for model_type 'llama'.*supported: llava, llava_next"):
-        mmreduce.wrap(text_only, "fastv")
-    with pytest.raises(TypeError, match="torch.nn.Module"):
-        mmreduce.wrap("llava", "fastv")
-    with pytest.raises(ValueError, match="not wrapped"):
-        mmreduce.unwrap(model)
-
-
-def test_custom_adapter_can_be_passed(model):
-    class Custom(ModelAdapter):
-        model_types = ("custom-test",)
-        multimodal_model = property(lambda self: self.model.model)
-        text_model = property(lambda self: self.model.model.language_model)
-
-        def vision_token_ids(self):
-            return (250,)
-
-    adapter = get_adapter(model, Custom)
-    assert isinstance(adapter, Custom)
-    with torch.no_grad(), mmreduce.wrap(model, "fastv", adapter=Custom, keep_ratio=0.25) as reduced:
-        reduced(**llava_batch())
-        assert reduced.stats.vision_tokens_per_layer[0][2] == 16
-
-
-def test_random_is_seeded_uniform_and_per_sample(model):
-    batch = llava_batch()
+def test_random_is_seeded_uniform_and_per_sample(model, llava_inputs):
+    batch = llava_inputs
     kept = []
     for seed in (0, 0, 1):
         with torch.no_grad(), mmreduce.wrap(model, "random", layer=2, keep_ratio=0.5, seed=seed) as reduced:
@@ -191,19 +164,3 @@ def test_random_is_seeded_uniform_and_per_sample(model):
             hits[torch.tensor(reduced.stats.kept_positions[2][0]) - start] += 1
     assert hits.sum() == 60 * 32
     assert 10 < hits.min() and hits.max() < 50
-
-
-def test_stats_report_tokens_flops_and_times(model):
-    batch = llava_batch()
-    with torch.no_grad(), mmreduce.wrap(model, "fastv", layer=2, keep_ratio=0.25) as reduced:
-        reduced.generate(**batch, max_new_tokens=3, do_sample=False)
-        stats = reduced.stats
-    assert stats.equivalent_vision_tokens == pytest.approx((2 * 64 + 4 * 16) / 6)
-    assert stats.text_tokens == [9, 4, 16]
-    assert 0 < stats.prefill_flops < stats.baseline_prefill_flops
-    assert stats.prefill_ms > 0 and stats.decode_steps == 2 and stats.decode_ms_per_token > 0
-    assert stats.generate_ms >= stats.prefill_ms
-    assert stats.vision_ms > 0
-    record = stats.to_dict()
-    assert record["kept_positions"]["2"] == stats.kept_positions[2]
-    assert json.dumps(record)  # serialisable

@@ -6,20 +6,16 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from PIL import Image  # noqa: E402
-
-import mmreduce  # noqa: E402
-from mmreduce.demo import inputs  # noqa: E402
-from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedule, run_demo  # noqa: E402
-from mmreduce.demo.compare import prepare_inputs, vision_positions  # noqa: E402
-from mmreduce.demo.inputs import DemoInputError  # noqa: E402
-from mmreduce.demo.methods import build_methods, parse_layers  # noqa: E402
-from mmreduce.demo.overlay import NEWLINE, TokenCell, draw_kept_tokens, token_layout  # noqa: E402
-from mmreduce.demo.summary import cards_html  # noqa: E402
+import mmreduce
+from mmreduce.demo import inputs
+from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedule, run_demo
+from mmreduce.demo.compare import prepare_inputs, vision_positions
+from mmreduce.demo.inputs import DemoInputError
+from mmreduce.demo.methods import build_methods, parse_layers
+from mmreduce.demo.overlay import NEWLINE, TokenCell, draw_kept_tokens, token_layout
+from mmreduce.demo.summary import cards_html
 
 SHAPES, DOCS = "tiny-llava-shapes", "tiny-llava-next-docs"
 QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)

@@ -4,12 +4,10 @@ import torch
 from accelerate import dispatch_model
 
 import mmreduce
-from _vlm_factory import llava_batch, tiny_llava
 
 
-def test_device_map_with_disk_offload_gives_the_same_reduction(tmp_path):
-    model = tiny_llava("sdpa")
-    batch = llava_batch()
+def test_device_map_with_disk_offload_gives_the_same_reduction(tmp_path, fresh_llava, llava_inputs):
+    model, batch = fresh_llava, llava_inputs  # dispatch_model moves this model's weights: it must be its own
     with torch.no_grad(), mmreduce.wrap(model, "pdrop", keep_ratio=0.5) as reduced:
         expected = reduced.generate(**batch, max_new_tokens=4, do_sample=False)
         expected_kept = reduced.stats.kept_positions

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="headless browser test needs Debian packages chromium and chromium-driver "
-                                       "(apt-get install -y chromium chromium-driver)")
+pytestmark = [
+    pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                       reason="headless browser test needs Debian packages chromium and chromium-driver "
+                              "(apt-get install -y chromium chromium-driver)"),
+    pytest.mark.slow,  # a real browser against a launched app: page loads, a comparison, waits of up to 150 s
+]
 webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test needs the selenium package")
 pytest.importorskip("gradio")
 
@@ -27,7 +26,7 @@ from PIL import Image  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, build_app, launch  # noqa: E402
+from mmreduce.demo.app import EXAMPLES_DIR  # noqa: E402
 
 SCREENSHOT = EXAMPLES_DIR.parent / "screenshot.png"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,20 +34,9 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage", "--window-size=1400,1900")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url():
-    app = build_app(ModelStore())
-    _, address, _ = launch(app, port=_free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        yield address
-    finally:
-        app.close()
+def url(demo_url):
+    return demo_url
 
 
 @pytest.fixture

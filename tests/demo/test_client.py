@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
-from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, build_app, launch  # noqa: E402
+from mmreduce.demo.app import EXAMPLES_DIR  # noqa: E402
 
 # /compare's inputs in order: model, media, question, methods, warm-up, repeats, max new tokens, then the method
 # parameters: fastv layer, fastv keep, pdrop layers, pdrop keep, random layer, random keep, random seed,
@@ -22,21 +18,10 @@ PARAMS = dict(fastv_layer=2, fastv_keep=0.25, pdrop_layers="", pdrop_keep=0.5, r
               random_seed=0, schedule_file=None, extra_specs="")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def client():
-    app = build_app(ModelStore())
-    _, url, _ = launch(app, port=_free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        assert url.startswith("http://127.0.0.1:")  # localhost unless asked otherwise
-        yield gradio_client.Client(url, verbose=False)
-    finally:
-        app.close()
+def client(demo_url):
+    assert demo_url.startswith("http://127.0.0.1:")  # localhost unless asked otherwise
+    return gradio_client.Client(demo_url, verbose=False)
 
 
 def _compare(client, media, question="what color is the square ?", methods=("fastv",), **overrides):

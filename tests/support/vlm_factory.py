@@ -1,6 +1,13 @@
-"""Tiny random-weight VLMs built from configs (no hub), and prompts with left padding."""
+"""Tiny random-weight VLMs built from configs (no hub), and prompts with left padding.
+
+`VLM_BUILDERS` maps every `config.model_type` that mmreduce has an adapter for to a function building a tiny model
+of that family and a left-padded batch for it; the invariant matrix (tests/core/test_invariants.py) runs every
+adapter in `mmreduce.adapters.ADAPTERS` through it, so a new adapter needs one entry here.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from transformers import (
@@ -11,6 +18,20 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
 )
+
+__all__ = [
+    "BOS_TOKEN",
+    "IMAGE_TOKEN",
+    "PAD_TOKEN",
+    "VLM_BUILDERS",
+    "VOCAB",
+    "build_vlm",
+    "llava_batch",
+    "llava_next_batch",
+    "select_samples",
+    "tiny_llava",
+    "tiny_llava_next",
+]
 
 IMAGE_TOKEN = 250
 PAD_TOKEN = 0
@@ -151,3 +172,30 @@ def select_samples(batch: dict, index: int) -> dict:
         per_sample = batch["pixel_values"].shape[0] // batch["input_ids"].shape[0]
         single["pixel_values"] = batch["pixel_values"][index * per_sample:(index + 1) * per_sample]
     return single
+
+
+def _llava_with_batch(attn: str, layers: int) -> tuple[LlavaForConditionalGeneration, dict]:
+    return tiny_llava(attn, layers=layers), llava_batch()
+
+
+def _llava_next_with_batch(attn: str, layers: int) -> tuple[LlavaNextForConditionalGeneration, dict]:
+    model = tiny_llava_next(attn, layers=layers)
+    return model, llava_next_batch(model)
+
+
+# config.model_type -> (attn implementation, decoder layers) -> (tiny model of that family, left-padded batch).
+VLM_BUILDERS: dict[str, Callable[[str, int], tuple[torch.nn.Module, dict]]] = {
+    "llava": _llava_with_batch,
+    "llava_next": _llava_next_with_batch,
+}
+
+
+def build_vlm(model_type: str, attn: str = "sdpa", layers: int = 6) -> tuple[torch.nn.Module, dict]:
+    """A tiny model whose `config.model_type` is `model_type`, and a batch for it; LookupError saying where to add
+    a builder when there is none."""
+    if model_type not in VLM_BUILDERS:
+        raise LookupError(
+            f"no tiny-model builder for model_type {model_type!r}: add one to VLM_BUILDERS in "
+            "tests/support/vlm_factory.py (a function (attn, layers) -> (model, batch))"
+        )
+    return VLM_BUILDERS[model_type](attn, layers)

@@ -1,0 +1,1 @@
+"""Tests of `mmreduce.eval`: benchmarks, tiny models, the bench harness, compare, latency, SEED-VLM, lmms plugin."""

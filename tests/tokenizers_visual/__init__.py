@@ -1,0 +1,1 @@
+"""Tests of the visual tokenizers `mmreduce.tokenizers_visual` (SEED, TokenUnify, VQ, their CLI)."""
