@@ -55,7 +55,8 @@ def reducing_example(name: str) -> ReductionMethod:
     compare against a reference here, and the keep-everything test covers it."""
     method = example(name)
     if not method.check_stages(LAYERS):
-        pytest.skip(f"{name}: its example has no drop stages (nothing is reduced); test_keep_everything_is_bit_identical covers it")
+        pytest.skip(f"{name}: its example has no drop stages (nothing is reduced); "
+                    "test_keep_everything_is_bit_identical covers it")
     return method
 
 
