@@ -1,7 +1,7 @@
 """Where a tiny VLM's answer position looks: attention mass per layer and head on the asked object(s), on every
 object, on the whole image and on the text (a training diagnostic).
 
-    python -m mmreduce.eval.testbed.attention_report runs/shapes-v9 --samples 60 --qtype color_of_shape
+    python -m mmreduce.eval.testbed.attention_report tiny-llava-shapes --samples 60 --qtype color_of_shape
 
 FastV and PyramidDrop rank image tokens by exactly this attention (last prompt token, mean over heads), so a model
 on which it does not single out the asked object cannot separate the methods from `random`. The report shows which

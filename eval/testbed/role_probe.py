@@ -5,7 +5,7 @@
 Prints JSON with, for every decoder layer input l (`hidden_states[l]`: 0 = embeddings, L = final):
 - `image_roles[l]`: test accuracy of a linear probe (logistic regression on standardised states, fit on the
   `calibration` split, scored on `test`) that tells the image tokens under the asked object from those under the
-  reference (`train_tiny._relevance_targets`), on `samples` `position` questions per split;
+  reference (`train.targets.relevance_targets`), on `samples` `position` questions per split;
 - `word_roles[l]`: the same probe for the question's two colour words (asked first, reference second);
 - `position` answers on `answer_samples` calibration questions: accuracy, and how many errors keep the axis
   (left/right or above/below) but flip the side.
@@ -22,7 +22,7 @@ from ..accuracy import evaluate
 from ..benchmarks import load_benchmark
 from ..benchmarks.draw import COLORS
 from ..tiny_models import load_tiny, prompt_for
-from .train_tiny import _relevance_targets
+from .train.targets import relevance_targets
 
 __all__ = ["linear_probe_accuracy", "role_report"]
 
@@ -65,7 +65,7 @@ def _role_states(model, processor, samples, batch_size: int) -> tuple[list, torc
                            return_tensors="pt", padding=True)
         states = model(**inputs, output_hidden_states=True).hidden_states  # (L + 1) x (B, T, D)
         is_image = inputs["input_ids"] == model.config.image_token_id  # (B, T)
-        roles = torch.cat([_relevance_targets(s, int(is_image[b].sum()), model.config)
+        roles = torch.cat([relevance_targets(s, int(is_image[b].sum()), model.config)
                            for b, s in enumerate(batch)])  # (sum n_b,): 0 none, 1 asked, 2 reference
         named = roles > 0
         is_word = torch.isin(inputs["input_ids"], colour_ids)  # (B, T): the question's two colour words
@@ -104,7 +104,8 @@ def role_report(name_or_path: str, samples: int = 300, answer_samples: int = 200
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.role_probe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.role_probe",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("model", help="bundled tiny model name or checkpoint directory (LLaVA-1.5, shapes)")
     parser.add_argument("--samples", type=int, default=300, help="position questions per split for the probes")
     parser.add_argument("--answer-samples", type=int, default=200, help="calibration position questions answered")

@@ -4,8 +4,8 @@
 
 Reports, on the benchmark's `test` split:
 - `unreduced`: greedy accuracy of the plain model;
-- `random_keep{r}_layer{l}`: the vision keys of a random (1 - r) share masked from layer l on (the masked
-  reference of the `random` method, see `accuracy.random_vision_mask`);
+- `random_keep{r}_layer{l}`: the vision keys of a random (1 - r) share masked from layer l on (a masked stand-in
+  for the `random` method with its own seeding, see `masked_drop.random_vision_mask`);
 - `target_keep{r}_layer{l}` (LLaVA-1.5 models only): the same budget, but the patches under the objects the
   answer depends on are kept first (an oracle selection: what a perfect attention-guided method could keep).
 and writes `eval/results/<name>-quality.json`.
@@ -48,7 +48,9 @@ def target_scores(samples, grid: int, patch: int, seed: int) -> torch.Tensor:
     scores = torch.rand(len(samples), grid, grid, generator=generator)  # (B, gh, gw)
     for b, s in enumerate(samples):
         for x0, y0, x1, y1 in s.meta["target_boxes"]:
-            scores[b, max(0, y0 // patch):min(grid, y1 // patch + 1), max(0, x0 // patch):min(grid, x1 // patch + 1)] += 1
+            rows = slice(max(0, y0 // patch), min(grid, y1 // patch + 1))
+            cols = slice(max(0, x0 // patch), min(grid, x1 // patch + 1))
+            scores[b, rows, cols] += 1
     return scores.reshape(len(samples), grid * grid)  # (B, N) row-major
 
 
@@ -73,7 +75,7 @@ def _target_eval(model, processor, samples, keep_ratio, layer, batch_size, seed)
 def quality_report(name_or_path: str, samples: int = 300, seed: int = 0, keep_ratio: float = 0.25, layer: int = 2,
                    batch_size: int = 25, out: str | None = None) -> dict:
     """Measure the bars (see the module docstring) and write them as JSON; returns the record."""
-    torch.set_num_threads(1)  # see train_tiny.TrainConfig.threads
+    torch.set_num_threads(1)  # see train.TrainConfig.threads
     path = resolve_checkpoint(name_or_path)
     model, processor = load_tiny(path)
     recipe = TINY_MODELS.get(path.name)
@@ -99,7 +101,8 @@ def quality_report(name_or_path: str, samples: int = 300, seed: int = 0, keep_ra
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.tiny_quality", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmreduce.eval.testbed.tiny_quality",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("model", help="bundled tiny model name or checkpoint directory")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,10 @@
 """Training of the SEED-token VLM `tiny-seed-shapes` (the frozen SEED tokenizer in front of a small Llama).
 
     mmreduce train-seed-vlm --steps 800 --out eval/checkpoints/tiny-seed-shapes
+    python -m mmreduce.eval.testbed.train_seed_vlm --steps 800 ...     # the same without the console script
 
-The model, its prompt layout and loading are in `eval/seed_vlm.py`; this module only trains it.
+The model, its prompt layout and loading are in `eval/seed_vlm.py`; this module only trains it. The recipe and its
+figures: docs/SEED_VLM.md.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,8 +22,10 @@ import torch
 
 from ..seed_vlm import SeedVLM, SeedVLMConfig
 from ..tiny_models import CHECKPOINT_DIR
+from .optim import WarmupCosine, WarmupCosineAdamW
 
 __all__ = ["SeedTrainConfig", "add_subparser", "main", "train"]
+
 
 @dataclass
 class SeedTrainConfig:
@@ -44,7 +47,7 @@ class SeedTrainConfig:
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 200
-    threads: int = 1  # others measured 2 threads stalling on the shared 2 cores
+    threads: int = 1  # one thread: on 2 cores two threads stalled on each other
     max_minutes: float = 27.0
     cache: str = "runs/seed_vlm_cache"
 
@@ -116,10 +119,9 @@ def train(cfg: SeedTrainConfig) -> dict:
              len(rows), time.time() - start)
 
     model = vlm.lm
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    # Cosine down to 0; the warm-up's arithmetic is the one the shipped checkpoint was trained with (optim.py).
+    schedule = WarmupCosine(cfg.lr, cfg.warmup, cfg.steps, fraction_first=True)
+    optimizer = WarmupCosineAdamW(model.parameters(), schedule, cfg.weight_decay)
     order = np.random.default_rng(cfg.seed).permutation  # a fresh shuffle of the rows per epoch
     queue: list[int] = []
     epoch = 0
@@ -141,14 +143,7 @@ def train(cfg: SeedTrainConfig) -> dict:
         pred = logits[:, -3:-1].reshape(-1, logits.shape[-1])  # (2B, V)
         target = inputs["input_ids"][:, -2:].reshape(-1)  # (2B,)
         loss = torch.nn.functional.cross_entropy(pred, target)
-        progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup) if step < cfg.warmup else 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in optim.param_groups:
-            group["lr"] = lr
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
+        lr = optimizer.step(loss, step)
         answer_acc = (logits[:, -3].argmax(-1) == inputs["input_ids"][:, -2]).float().mean().item()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{answer_acc:.2f}")
         log.info("step %d loss %.4f batch_answer_acc %.3f lr %.2e epoch %d elapsed %.0fs", step, loss.item(),
@@ -169,8 +164,6 @@ def train(cfg: SeedTrainConfig) -> dict:
     (out / "train_config.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("done in %.0fs", time.time() - start)
     return summary
-
-
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -197,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     add_subparser(subparsers)
     argv = list(argv) if argv is not None else sys.argv[1:]
     if not argv or argv[0] != "train-seed-vlm":
-        argv = ["train-seed-vlm", *argv]  # `python -m mmreduce.eval.seed_vlm --steps ...` works without the verb
+        argv = ["train-seed-vlm", *argv]  # `python -m ... --steps ...` works without the sub-command
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,19 +1,22 @@
-"""The documented training commands are valid CLI calls whose stages are the shipped checkpoints' recipes."""
+"""The documented training commands (docs/TRAINING.md) are valid CLI calls whose stages are the shipped
+checkpoints' recipes."""
 
 import pathlib
 
 
-def test_readme_training_commands_parse_and_match_the_shipped_configs():
-    """The README's `mmreduce train-tiny` commands are valid CLI calls whose first stage is the shipped run's config."""
+def test_documented_training_commands_parse_and_match_the_shipped_configs():
+    """docs/TRAINING.md's `mmreduce train-tiny` commands are valid CLI calls whose first stage is the shipped run's
+    config."""
     import json
     import shlex
     from dataclasses import asdict, fields
 
     from mmreduce.cli import build_parser
-    from mmreduce.eval.testbed.train_tiny import TrainConfig, _config_from_args, _items, finishing_stage
+    from mmreduce.eval.testbed.train.cli import _config_from_args, _items
+    from mmreduce.eval.testbed.train.config import TrainConfig, finishing_stage
 
     root = pathlib.Path(__file__).parents[2]
-    text = (root / "README.md").read_text().replace("\\\n", " ")
+    text = (root / "docs" / "TRAINING.md").read_text().replace("\\\n", " ")
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("mmreduce train-tiny ")]
     assert {shlex.split(c)[2] for c in commands} == {"tiny-llava-shapes", "tiny-llava-next-docs"}
     # Where a run wrote its files (`out`, and the finishing stage's `init_from`) and the --max-minutes guard are not
