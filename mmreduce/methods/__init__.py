@@ -1,7 +1,7 @@
 """The method zoo: one short file per method (importing this package registers them all)."""
 
-from .base import (DropStage, ReductionMethod, ScoreContext, create_method, list_methods, method_class, register_method,
-                   top_k_sorted)
+from .base import (DropStage, ReductionMethod, ScoreContext, check_layer, check_ratio, create_method, list_methods,
+                   method_class, register_method, top_k_sorted)
 from .baseline import Baseline
 from .fastv import FastV
 from .pdrop import PyramidDrop, default_pdrop_layers

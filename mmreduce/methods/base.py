@@ -24,6 +24,8 @@ __all__ = [
     "DropStage",
     "ReductionMethod",
     "ScoreContext",
+    "check_layer",
+    "check_ratio",
     "create_method",
     "list_methods",
     "method_class",
@@ -258,5 +260,6 @@ def check_ratio(owner: str, field: str, value: float, allow_zero: bool = False) 
 
 
 def check_layer(owner: str, field: str, value: Any, minimum: int = 1) -> None:
+    """Raises ValueError unless `value` is an integer >= `minimum` (a layer index; bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}.{field} must be an integer >= {minimum}, got {value!r}")
