@@ -20,7 +20,6 @@ without lmms-eval; only building the model needs it, and then the error says how
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 import mmreduce
-from mmreduce import MethodSpec, list_methods, method_class, parse_spec
+from mmreduce import MethodSpec, parse_spec
 
 try:  # lmms-eval is optional: the plugin class needs its base class, nothing else here does
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -120,27 +119,15 @@ def _positive_int(name: str, value: Any) -> int:
 
 def _method_spec(method: Any, fields: dict[str, Any]) -> MethodSpec:
     text = str(method).strip().strip("'\"")
-    name = text.partition(":")[0].strip()
-    # `layers=2` arrives as the int 2, and the spec syntax has no one-element list: hold such values back and add
-    # them as 1-tuples after parsing.
-    list_fields = {f.name for f in dataclasses.fields(method_class(name)) if str(f.type).startswith("tuple")} \
-        if name in list_methods() else set()
-    singles = {k: (v,) for k, v in fields.items() if k in list_fields and not isinstance(v, (tuple, list))
-               and "+" not in str(v)}
-    # lmms-eval already turned "0.5" into 0.5 and "true" into True; str() gives parse_spec back the same text.
-    extra = [f"{key}={value}" for key, value in fields.items() if key not in singles]
+    # lmms-eval already turned "0.5" into 0.5, "2" into 2 and "true" into True; str() gives parse_spec back the same
+    # text, and a list field given one value (`layers=2`) is the one-element list.
+    extra = [f"{key}={value}" for key, value in fields.items()]
     if extra:
         text += ("," if ":" in text else ":") + ",".join(extra)
     try:
-        spec = parse_spec(text)
-        if singles:
-            kwargs = {**dict(spec.kwargs), **singles}
-            mmreduce.create_method(name, **kwargs)  # validate the merged fields
-            spec = dataclasses.replace(spec, kwargs=tuple(sorted(kwargs.items())),
-                                       text=text + "".join(f",{k}={v[0]}" for k, v in singles.items()))
+        return parse_spec(text)
     except ValueError as exc:
         raise ValueError(f"model_args: bad method {text!r}: {exc}") from None
-    return spec
 
 
 def parse_model_args(pretrained: str | None = None, method: Any = "baseline", batch_size: Any = 1,

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from .methods.base import ReductionMethod, create_method, list_methods, method_class
 
-__all__ = ["MethodSpec", "fit_equivalent", "parse_spec"]
+__all__ = ["BudgetUnreachable", "MethodSpec", "fit_equivalent", "parse_spec"]
+
+
+class BudgetUnreachable(ValueError):
+    """An `equivalent=` budget below what the method can reach on this model (its layers before the first drop
+    keep every token): a property of the budget and the model, reported as a skipped row by comparisons."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +45,10 @@ class MethodSpec:
         return fit_equivalent(self.name, kwargs, self.equivalent, num_layers, vision_tokens)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_untyped(text: str) -> Any:
+    """A value for a field without a usable annotation: None, a bool, an int, a float, a '+'-list or the text."""
     if "+" in text:
-        return tuple(_parse_value(part) for part in text.split("+"))
+        return tuple(_parse_untyped(part) for part in text.split("+"))
     lowered = text.lower()
     if lowered in ("none", "null"):
         return None
@@ -54,6 +62,49 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def _scalar(text: str, kind: type, field: str) -> Any:
+    """`text` as an int, float, bool or str; ValueError naming the field and what it needs otherwise."""
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{field} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{field} must be an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            # An integer stays an int (a number all the same): a schedule of whole numbers reads as counts.
+            return int(text) if text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"{field} must be a number, got {text!r}") from None
+    return text
+
+
+def _parse_value(text: str, annotation: Any, field: str) -> Any:
+    """`text` converted to the field's annotated type: `tuple[int, ...]` takes one value or several joined with '+'
+    (`layers=4` is the one-layer list (4,)); `X | None` also takes none/null; anything else is parsed untyped."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if options:
+        if type(None) in options and text.lower() in ("none", "null"):
+            return None
+        typed = [option for option in options if option is not type(None)]
+        annotation = typed[0] if len(typed) == 1 else Any
+    if typing.get_origin(annotation) is tuple:
+        item_type = (typing.get_args(annotation) or (Any,))[0]
+        if item_type not in (int, float, str, bool):
+            return _parse_untyped(text)
+        what = {int: "integers", float: "numbers", str: "values", bool: "booleans"}[item_type]
+        try:
+            return tuple(_scalar(part.strip(), item_type, field) for part in text.split("+"))
+        except ValueError:
+            raise ValueError(f"{field} must be one or more {what} joined with '+', got {text!r}") from None
+    if annotation in (int, float, str, bool):
+        return _scalar(text, annotation, field)
+    return _parse_untyped(text)
+
+
 def parse_spec(text: str) -> MethodSpec:
     """Parses one SPEC; errors name the bad part and the valid fields."""
     if not isinstance(text, str) or not text.strip():
@@ -64,22 +115,30 @@ def parse_spec(text: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r} in spec {text!r}; choose one of {list_methods()}")
     kwargs: dict[str, Any] = {}
     equivalent = None
-    fields = {f.name for f in dataclasses.fields(method_class(name)) if f.init}
+    cls = method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
     if not fields and rest.strip():
         raise ValueError(f"{name} takes no parameters, got {text!r}")
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if not sep or not value:
             raise ValueError(f"spec part {item!r} of {text!r} is not key=value")
+        if key in kwargs or (key == "equivalent" and equivalent is not None):
+            raise ValueError(f"{key} is given twice in {text!r}")
         if key == "equivalent":
-            equivalent = float(value)
-            if not equivalent > 0:
-                raise ValueError(f"equivalent must be > 0 in {text!r}")
+            equivalent = float(_scalar(value, float, f"{name}: equivalent"))
+            if not equivalent > 0 or math.isinf(equivalent):
+                raise ValueError(f"{name}: equivalent must be a number > 0 (a fraction <= 1 or a token count), "
+                                 f"got {value!r}")
             continue
         if key not in fields:
             raise ValueError(f"{name} has no field {key!r} (spec {text!r}); fields: {sorted(fields)} or equivalent")
-        kwargs[key] = _parse_value(value.strip())
+        try:
+            kwargs[key] = _parse_value(value, hints.get(key, Any), key)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error} (spec {text!r})") from None
     if equivalent is not None and "keep_ratio" not in fields:
         raise ValueError(f"equivalent= needs a method with a keep_ratio field, {name} has none")
     if equivalent is not None and "keep_ratio" in kwargs:
@@ -91,8 +150,9 @@ def parse_spec(text: str) -> MethodSpec:
 def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, vision_tokens: int):
     """The method with `keep_ratio` fitted (bisection) so that its mean vision tokens over layers match the budget.
 
-    `equivalent` <= 1 is a fraction of `vision_tokens`, > 1 a token count. Raises ValueError when the budget is
-    below what the method can reach at its layers (layer 0 and the layers before the first drop stay full).
+    `equivalent` <= 1 is a fraction of `vision_tokens`, > 1 a token count. Raises `BudgetUnreachable` when the
+    budget is below what the method can reach at its layers (layer 0 and the layers before the first drop stay
+    full), and ValueError when the method itself does not fit the model (e.g. a drop layer out of range).
     """
     target = equivalent * vision_tokens if equivalent <= 1 else equivalent
 
@@ -103,7 +163,7 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
 
     low, high = 1e-6, 1.0
     if mean_tokens(low) > target + 1e-9:
-        raise ValueError(
+        raise BudgetUnreachable(
             f"{name} {kwargs or ''} cannot reach {target:.1f} equivalent vision tokens on a {num_layers}-layer model: "
             f"its minimum is {mean_tokens(low):.1f} (layers before the first drop keep all {vision_tokens})"
         )
