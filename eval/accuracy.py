@@ -14,13 +14,20 @@ import torch
 from .benchmarks import Sample
 from .tiny_models import prompt_for
 
-__all__ = ["batch_inputs", "evaluate", "generate_answers", "normalize_answer"]
+__all__ = ["batch_inputs", "evaluate", "generate_answers", "is_correct", "normalize_answer"]
 
 
-def normalize_answer(text: str) -> str:
-    """First word of a decoded answer, lower-cased, punctuation stripped ("" if nothing was generated)."""
-    words = text.replace("</s>", " ").strip().split()
-    return words[0].strip(".,:;!?").lower() if words else ""
+def normalize_answer(text: str, words: int = 1) -> str:
+    """The first `words` words of a decoded answer, lower-cased, punctuation stripped, joined by one space
+    ("" if nothing was generated)."""
+    found = text.replace("</s>", " ").strip().split()[:max(1, words)]
+    return " ".join(word.strip(".,:;!?").lower() for word in found)
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Whether a decoded `prediction` starts with `answer`, word by word (case and punctuation ignored)."""
+    length = len(answer.split())
+    return normalize_answer(prediction, length) == normalize_answer(answer, length)
 
 
 def batch_inputs(processor, samples: Sequence[Sample]) -> dict:
@@ -33,7 +40,8 @@ def batch_inputs(processor, samples: Sequence[Sample]) -> dict:
 @torch.inference_mode()
 def generate_answers(model, processor, samples: Sequence[Sample], batch_size: int = 16,
                      max_new_tokens: int = 3, progress: bool = False) -> list[str]:
-    """Greedy answers (normalised) for `samples`, `batch_size` at a time, prompts left-padded."""
+    """Greedy answers for `samples` (normalised, as many words as each sample's answer has), `batch_size` at a
+    time, prompts left-padded."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if max_new_tokens < 1:
@@ -50,7 +58,8 @@ def generate_answers(model, processor, samples: Sequence[Sample], batch_size: in
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id)
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, new) generated ids only
-        answers += [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        answers += [normalize_answer(t, len(s.answer.split())) for t, s in zip(texts, batch)]
     return answers
 
 
@@ -60,5 +69,5 @@ def evaluate(model, processor, samples: Sequence[Sample], batch_size: int = 16, 
     if len(samples) == 0:
         raise ValueError("samples must not be empty")
     predictions = generate_answers(model, processor, samples, batch_size, max_new_tokens, progress)
-    correct = sum(p == s.answer for p, s in zip(predictions, samples))
+    correct = sum(is_correct(p, s.answer) for p, s in zip(predictions, samples))
     return correct / len(samples), predictions

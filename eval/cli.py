@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["DEFAULT_SPECS", "add_subparser", "run_from_args"]
+__all__ = ["DEFAULT_SPECS", "add_subparser", "positive_int", "run_from_args"]
 
 # 192 / 128 / 64 of LLaVA-1.5's 576 tokens = 33% / 22% / 11%, fitted per method (`equivalent=`). Drops start at
 # layer 1 so that the small budgets are reachable on 8-layer models (layer 0 always stays full).
@@ -16,20 +16,33 @@ DEFAULT_SPECS = ["baseline"] + [
 ]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def add_subparser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="accuracy / tokens / FLOPs / latency of methods side by side on a benchmark",
         description="Evaluate methods side by side. A SPEC is NAME or NAME:key=value,key=value (lists joined with "
                     "'+'), e.g. pdrop:layers=2+4+6,keep_ratio=0.5; 'baseline' is the unreduced model; "
                     "equivalent=F fits keep_ratio so that F of the vision tokens remain on average over layers.")
-    parser.add_argument("--model", default="tiny-llava-shapes", help="bundled tiny model name or checkpoint path")
-    parser.add_argument("--dataset", default="shapes", help="benchmark name (shapes, docs, video)")
+    parser.add_argument("--model", default="tiny-llava-shapes",
+                        help="bundled tiny model name, or a folder holding a saved LLaVA / LLaVA-NeXT and its processor")
+    parser.add_argument("--dataset", default="shapes",
+                        help="benchmark name (shapes, docs, video) or a dataset file (.jsonl, see README)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_SPECS, metavar="SPEC")
-    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--samples", type=positive_int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="test", choices=["train", "calibration", "test"])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default="runs/bench", help="output directory (results.json, .md, .png, cache/)")
     parser.add_argument("--no-progress", action="store_true")

@@ -26,12 +26,15 @@ from typing import Callable, Sequence
 import torch
 
 from mmreduce import MethodSpec, parse_spec
+from mmreduce.spec import BudgetUnreachable
 
-from .runners import Runner, load_runner
+from .accuracy import is_correct
+from .runners import BATCH_FIELDS, Runner, load_runner
 
 __all__ = ["BenchConfig", "RESULT_FIELDS", "plot_results", "results_markdown", "run_bench"]
 
-#: Every record of results.json carries at least these fields.
+#: Every record of results.json carries at least these fields. `peak_mem_mb` is the most memory one batch of the
+#: method added on top of what was in use when it started (`runners.PeakMemory`), not the process's lifetime peak.
 RESULT_FIELDS = ("method", "spec", "accuracy", "samples", "equivalent_vision_tokens", "vision_tokens",
                  "prefill_flops", "baseline_prefill_flops", "flops_ratio", "prefill_ms", "decode_ms_per_token",
                  "peak_mem_mb", "kv_cache_mb", "note")
@@ -68,6 +71,10 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"BenchConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"BenchConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out={self.out!r} is a file; give a folder for results.json, results.md and cache/")
 
 
 @dataclass
@@ -108,9 +115,27 @@ def _samples(config: BenchConfig):
     return load_benchmark(config.dataset, config.split, config.samples, seed=config.seed, **config.benchmark_options)
 
 
-def _cache_path(out: Path, config: BenchConfig, runner: Runner, spec: MethodSpec, shard: "_Shard") -> Path:
-    key = json.dumps([config.model, runner.fingerprint() or config.model, config.dataset, config.split, config.seed,
-                      config.samples, config.batch_size, config.max_new_tokens, spec.text, config.benchmark_options],
+#: Bumped whenever a cached batch record changes meaning, so old records are never read as new ones.
+CACHE_FORMAT = 2
+
+
+def _data_fingerprint(samples) -> str:
+    """Changes whenever any sample's question, answer, choices or image pixels do."""
+    digest = hashlib.sha1()
+    for sample in samples:
+        digest.update(json.dumps([sample.question, sample.answer, list(sample.choices)]).encode())
+        for image in sample.images:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _cache_path(out: Path, config: BenchConfig, runner: Runner, data: str, spec: MethodSpec, method,
+                device: str, shard: "_Shard") -> Path:
+    """One file per (weights, data, method, options): a changed run never reads another run's batches."""
+    key = json.dumps([CACHE_FORMAT, config.model, runner.fingerprint(), data, config.dataset, config.split,
+                      config.seed, config.samples, config.batch_size, config.max_new_tokens, spec.text,
+                      method.describe(), device.split(":")[0], config.benchmark_options],
                      sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() else "_" for c in spec.text)[:40]
@@ -118,27 +143,76 @@ def _cache_path(out: Path, config: BenchConfig, runner: Runner, spec: MethodSpec
     return out / "cache" / f"{safe}-{digest}{suffix}.jsonl"
 
 
+def _read_cache(cache_file: Path, starts: list[int], log: Callable[[str], None]) -> dict[int, dict]:
+    """The finished batches recorded in `cache_file`, by start index.
+
+    A record is one line ending in a newline, written with a single write and fsync'ed. A line without its
+    newline, or one that does not parse as a record of this run, is what an interrupted write leaves: it is
+    dropped with a warning naming the file, the file is rewritten without it, and its batch runs again.
+    """
+    if not cache_file.exists():
+        return {}
+    data = cache_file.read_bytes()
+    lines = data.split(b"\n")
+    complete, torn = lines[:-1], lines[-1]  # the last piece lacks its newline (b"" when the file ends cleanly)
+    records: dict[int, dict] = {}
+    bad = 1 if torn.strip() else 0
+    for line in complete:
+        record = _parse_record(line, starts)
+        if record is None:
+            bad += bool(line.strip())
+            continue
+        records[record["start"]] = record
+    if bad:
+        log(f"  warning: {cache_file}: dropped {bad} torn or unreadable line(s) left by an interrupted run; "
+            "their batches run again")
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+        os.replace(tmp, cache_file)
+    return records
+
+
+def _parse_record(line: bytes, starts: list[int]) -> dict | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    needed = {"start", "correct", *BATCH_FIELDS}
+    if not isinstance(record, dict) or not needed <= set(record) or record["start"] not in starts:
+        return None
+    return record
+
+
+def _append_record(cache_file: Path, record: dict) -> None:
+    """Appends one record as one line in one write, then fsyncs, so a kill leaves at most a torn last line."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record) + "\n").encode()
+    descriptor = os.open(cache_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _evaluate_spec(runner: Runner, samples, spec: MethodSpec, method, config: BenchConfig, cache_file: Path,
                    shard: _Shard, log: Callable[[str], None]) -> list[dict]:
     """Batch records of `method` on this process's share of `samples`; finished batches come from `cache_file`."""
     from tqdm.auto import tqdm
 
-    done = []
-    if cache_file.exists():
-        done = [json.loads(line) for line in cache_file.read_text().splitlines() if line.strip()]
-        if done:
-            log(f"  {spec.text}: resuming after {len(done)} cached batch(es)")
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(samples), config.batch_size))[shard.rank::shard.world]
-    with open(cache_file, "a") as sink:
-        for start in tqdm(starts[len(done):], desc=spec.text, disable=not config.progress, leave=False):
-            batch = samples[start:start + config.batch_size]
-            result = runner.run_batch(batch, method, config.max_new_tokens)
-            record = {"start": start, "correct": [a == s.answer for a, s in zip(result["answers"], batch)], **result}
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            done.append(record)
-    return done
+    done = _read_cache(cache_file, starts, log)
+    if done:
+        log(f"  {spec.text}: resuming after {len(done)} cached batch(es)")
+    for start in tqdm([s for s in starts if s not in done], desc=spec.text, disable=not config.progress,
+                      leave=False):
+        batch = samples[start:start + config.batch_size]
+        result = runner.run_batch(batch, method, config.max_new_tokens)
+        record = {"start": start,
+                  "correct": [is_correct(a, s.answer) for a, s in zip(result["answers"], batch)], **result}
+        _append_record(cache_file, record)
+        done[start] = record
+    return [done[start] for start in starts]
 
 
 def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") -> dict:
@@ -175,11 +249,35 @@ def _skipped_row(spec: MethodSpec, reason: str) -> dict:
             "note": f"skipped: {reason}"}
 
 
+def _plan(specs: list[MethodSpec], runner: Runner, depth: int, vision: int, model: str) -> list[tuple]:
+    """(spec, method, None) for each spec the model can run, (spec, None, reason) for a budget it cannot reach
+    or a method its runner does not serve; raises ValueError, before anything runs, for a method that does not
+    fit the model at all (e.g. a drop layer out of range)."""
+    plan = []
+    for spec in specs:
+        try:
+            method = spec.build(depth, vision)
+        except BudgetUnreachable as error:
+            plan.append((spec, None, str(error)))
+            continue
+        reason = runner.unsupported(method)
+        if reason is not None:
+            plan.append((spec, None, reason))
+            continue
+        try:
+            method.check_stages(depth)
+            method.check_inputs(torch.tensor([vision]))
+        except ValueError as error:
+            raise ValueError(f"method {spec.text!r} does not fit {model} ({depth} layers, {vision} vision tokens): "
+                             f"{error}") from None
+        plan.append((spec, method, None))
+    return plan
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Evaluates every spec; returns the result records (also written to `config.out`)."""
-    specs = [parse_spec(text) for text in config.specs]
+    specs = [parse_spec(text) for text in config.specs]  # syntax and field types, before anything loads
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(config)
     shard = _Shard.detect(device)
     if shard.rank != 0:
@@ -191,22 +289,17 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     log(f"{config.model} on {config.dataset}/{config.split}: {len(samples)} samples, {depth} layers, "
         f"{vision} vision tokens per prompt, batch {config.batch_size}, {device}"
         + (f", {shard.world} processes" if shard.world > 1 else ""))
+    plan = _plan(specs, runner, depth, vision, config.model)  # every method checked before any batch runs
+    data = _data_fingerprint(samples)
     rows = []
-    for spec in specs:
-        try:
-            method = spec.build(depth, vision)
-        except ValueError as error:
-            log(f"  {spec.text}: skipped ({error})")
-            rows.append(_skipped_row(spec, str(error)))
-            continue
-        reason = runner.unsupported(method)
-        if reason is not None:
+    for spec, method, reason in plan:
+        if method is None:
             log(f"  {spec.text}: skipped: {reason}")
             rows.append(_skipped_row(spec, reason))
             continue
         start = time.perf_counter()
-        batches = _evaluate_spec(runner, samples, spec, method, config, _cache_path(out, config, runner, spec, shard),
-                                 shard, log)
+        cache_file = _cache_path(out, config, runner, data, spec, method, device, shard)
+        batches = _evaluate_spec(runner, samples, spec, method, config, cache_file, shard, log)
         batches = sorted(shard.gather(batches), key=lambda batch: batch["start"])
         row = _summarise(spec, method, batches, note=runner.note(batches))
         rows.append(row)
@@ -216,15 +309,23 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         return rows
     meta = {"config": {k: v for k, v in asdict(config).items() if k != "progress"}, "device": device,
             "processes": shard.world, "runner": runner.kind}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    (out / "results.md").write_text(results_markdown(rows) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / "results.json", json.dumps({"meta": meta, "results": rows}, indent=2))
+    _write_atomically(out / "results.md", results_markdown(rows) + "\n")
     plot_results(rows, out / "accuracy_vs_flops.png", title=f"{config.model} on {config.dataset}")
     return rows
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to a temporary file beside `path` and renames it: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def results_markdown(rows: list[dict]) -> str:
     lines = ["| spec | method | accuracy | eq. vision tokens | prefill FLOPs (vs baseline) | prefill ms / batch "
-             "| decode ms/token | KV cache MB | peak mem MB |",
+             "| decode ms/token | KV cache MB | peak mem MB (batch) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["accuracy"] is None:

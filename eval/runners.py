@@ -26,9 +26,10 @@ from mmreduce.adapters import get_adapter
 from .accuracy import batch_inputs, normalize_answer
 from .benchmarks import Sample
 
-__all__ = ["BATCH_FIELDS", "Runner", "WrappedVLMRunner", "load_runner", "peak_memory_mb"]
+__all__ = ["BATCH_FIELDS", "PeakMemory", "Runner", "WrappedVLMRunner", "load_runner"]
 
-#: What `run_batch` returns for one batch (per-sample means, except the totals named *_ms).
+#: What `run_batch` returns for one batch (per-sample means, except the totals named *_ms). `answers` hold each
+#: decoded answer normalised to as many words as the sample's answer has; `peak_mem_mb` is `PeakMemory`'s.
 BATCH_FIELDS = ("answers", "equivalent_vision_tokens", "vision_tokens", "prefill_flops", "baseline_prefill_flops",
                 "prefill_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb")
 
@@ -97,11 +98,9 @@ class WrappedVLMRunner(Runner):
 
     def run_batch(self, samples: Sequence[Sample], method: mmreduce.ReductionMethod, max_new_tokens: int) -> dict:
         inputs = self.inputs(samples)
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         reduced = mmreduce.wrap(self.model, method)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), PeakMemory(self.device) as memory:
                 out = reduced.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=self.processor.tokenizer.pad_token_id,
                                        return_dict_in_generate=True)
@@ -114,7 +113,7 @@ class WrappedVLMRunner(Runner):
         kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers) if cache else 0
         flops, baseline_flops = stats.flops()
         return {
-            "answers": [normalize_answer(t) for t in texts],
+            "answers": [normalize_answer(t, len(s.answer.split())) for t, s in zip(texts, samples)],
             "equivalent_vision_tokens": stats.equivalent_vision_tokens,
             "vision_tokens": statistics.mean(stats.initial_vision_tokens),
             "prefill_flops": flops / len(samples),
@@ -122,15 +121,66 @@ class WrappedVLMRunner(Runner):
             "prefill_ms": stats.prefill_ms,
             "decode_ms_per_token": stats.decode_ms_per_token,
             "kv_cache_mb": kv_bytes / 2**20,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            "peak_mem_mb": memory.peak_mb,
         }
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory since the last reset on CUDA; on the CPU the process's peak resident size so far."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakMemory:
+    """The most memory a block adds on top of what was in use when it started (MB), so each method's batches are
+    measured on their own, not against the process's lifetime peak.
+
+    CUDA: `max_memory_allocated` after a reset, minus the memory allocated at the start. CPU on Linux: the peak
+    resident set size (`VmHWM`, reset through /proc/self/clear_refs) minus the resident size at the start.
+    Elsewhere on the CPU: the process's lifetime peak minus the start (`lifetime` is then True; an upper bound).
+    """
+
+    _STATUS = "/proc/self/status"
+
+    def __init__(self, device: str):
+        self.device = str(device)
+        self.peak_mb = 0.0
+        self.lifetime = False
+        self._start = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+        elif self._reset_cpu_peak():
+            self._start = self._status_mb("VmRSS")
+        else:
+            self.lifetime = True
+            self._start = self._status_mb("VmRSS") or 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif not self.lifetime:
+            peak = self._status_mb("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.peak_mb = max(0.0, peak - self._start)
+
+    @staticmethod
+    def _reset_cpu_peak() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # 5 resets the peak resident set size (Linux >= 4.0)
+            return True
+        except OSError:
+            return False
+
+    @classmethod
+    def _status_mb(cls, key: str) -> float:
+        try:
+            with open(cls._STATUS) as handle:
+                for line in handle:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) / 1024  # kB -> MB
+        except OSError:
+            pass
+        return 0.0
 
 
 def load_runner(name_or_path: str | os.PathLike, device: str) -> Runner:

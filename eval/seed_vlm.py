@@ -36,7 +36,7 @@ from mmreduce import checkpoints
 from mmreduce.flops import ModelDims, prefill_flops
 
 from .accuracy import normalize_answer
-from .runners import Runner, peak_memory_mb
+from .runners import PeakMemory, Runner
 from .tiny_models import PROMPT, VOCABULARY, build_tokenizer, resolve_checkpoint
 
 __all__ = ["IMG_CLOSE", "IMG_OPEN", "MARKER", "SeedVLM", "SeedVLMConfig", "SeedVLMRunner", "format_seed_prompt",
@@ -255,19 +255,20 @@ class SeedVLMRunner(Runner):
         return None
 
     def run_batch(self, samples, method, max_new_tokens: int) -> dict:
-        start = time.perf_counter()
-        ids = self.vlm.encode_images([s.images[0] for s in samples])  # (B, N)
-        vision_ms = (time.perf_counter() - start) * 1e3
-        texts, timing = self.vlm.generate([s.question for s in samples], ids, max_new_tokens)
+        with PeakMemory("cpu") as memory:
+            start = time.perf_counter()
+            ids = self.vlm.encode_images([s.images[0] for s in samples])  # (B, N)
+            vision_ms = (time.perf_counter() - start) * 1e3
+            texts, timing = self.vlm.generate([s.question for s in samples], ids, max_new_tokens)
         flops = [prefill_flops([n] * self.dims.num_layers, self.dims) for n in timing["prompt_tokens"]]
         return {
-            "answers": [normalize_answer(t) for t in texts],
+            "answers": [normalize_answer(t, len(s.answer.split())) for t, s in zip(texts, samples)],
             "equivalent_vision_tokens": float(ids.shape[1]), "vision_tokens": float(ids.shape[1]),
             "prefill_flops": sum(flops) / len(samples), "baseline_prefill_flops": sum(flops) / len(samples),
             "prefill_ms": timing["prefill_ms"],
             "decode_ms_per_token": timing["decode_ms"] / timing["decode_steps"] if timing["decode_steps"] else None,
             "kv_cache_mb": timing["kv_cache_mb"],
-            "peak_mem_mb": peak_memory_mb("cpu"),
+            "peak_mem_mb": memory.peak_mb,
             "vision_ms": vision_ms,
         }
 

@@ -272,15 +272,38 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_tiny(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """Load a saved tiny VLM offline: (model in eval mode, processor). Never touches the hub."""
+    """Load a saved VLM offline: (model in eval mode, processor). Never touches the hub.
+
+    The processor's tokenizer pads on the left whatever the saved processor says: batched generation continues
+    every row from its last token. A folder that is not a saved model, or whose weights are incomplete or
+    corrupted, is reported with its path.
+    """
     from transformers import AutoConfig, AutoProcessor
 
     path = resolve_checkpoint(name_or_path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a saved model (no config.json): give a folder written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path / 'config.json'} cannot be read: {error}") from None
     model_cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}.get(
         config.model_type)
     if model_cls is None:
         raise ValueError(f"{path} holds a {config.model_type!r} model, expected 'llava' or 'llava_next'")
-    model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    try:
+        model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                          attn_implementation=attn_implementation)
+    except Exception as error:  # safetensors, torch and transformers each raise their own kind
+        weights = sorted(p.name for p in path.glob("*.safetensors")) or ["no *.safetensors file"]
+        raise ValueError(f"the weights in {path} ({', '.join(weights)}) cannot be loaded: {' '.join(str(error).split())}"
+                         " (the checkpoint is incomplete or corrupted: copy or save it again)") from None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"the processor saved in {path} cannot be loaded: {' '.join(str(error).split())} "
+                         "(save it with processor.save_pretrained into the same folder)") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
     return model.eval(), processor
