@@ -1,18 +1,23 @@
-"""Seeded synthetic VQA benchmarks on which vision-token selection matters: `shapes`, `docs`, `video`.
+"""Seeded synthetic VQA benchmarks on which vision-token selection matters: `shapes`, `docs`, `video`; and your own
+data as a JSON-lines dataset file.
 
     from mmreduce.eval.benchmarks import load_benchmark
     samples = load_benchmark("shapes", "test", n=200, seed=0)   # list[Sample]
+    mine = load_benchmark("my-data.jsonl", "test", n=100)        # a name ending in .jsonl: see `user.py`
 
-Every sample is a pure function of (benchmark, split, seed, index); see `base.py`.
+Every synthetic sample is a pure function of (benchmark, split, seed, index); see `base.py`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from .base import SPLITS, Sample, balanced_answer, sample_rng
 from .docs import DocsConfig, make_docs_sample
 from .shapes import ShapesConfig, make_shapes_sample
+from .user import is_dataset_file, iter_dataset_file
 from .video import VideoConfig, make_video_sample
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "VideoConfig",
     "answer_vocabulary",
     "balanced_answer",
+    "is_dataset_file",
     "iter_benchmark",
     "list_benchmarks",
     "load_benchmark",
@@ -40,13 +46,17 @@ BENCHMARKS: dict[str, tuple[type, Callable[..., Sample]]] = {
 
 
 def list_benchmarks() -> list[str]:
-    """Names accepted by `load_benchmark`."""
+    """The synthetic benchmarks' names. `load_benchmark` also takes the path of a dataset file ending in `.jsonl`."""
     return sorted(BENCHMARKS)
 
 
 def _entry(name: str) -> tuple[type, Callable[..., Sample]]:
     if name not in BENCHMARKS:
-        raise ValueError(f"benchmark must be one of {list_benchmarks()}, got {name!r}")
+        hint = ""
+        if isinstance(name, (str, os.PathLike)) and Path(name).is_file():
+            hint = " (a dataset file's name must end in .jsonl: one JSON object per line)"
+        raise ValueError(f"benchmark must be one of {list_benchmarks()} or a dataset file ending in .jsonl, "
+                         f"got {os.fspath(name) if isinstance(name, os.PathLike) else name!r}{hint}")
     return BENCHMARKS[name]
 
 
@@ -56,27 +66,38 @@ def make_sample(name: str, split: str, seed: int, index: int, **options: Any) ->
     return factory(split, seed, index, config_cls(**options))
 
 
-def iter_benchmark(name: str, split: str, n: int, seed: int = 0, start: int = 0, **options: Any):
-    """Yield samples `start .. start + n - 1` of a benchmark split without holding them all."""
+def iter_benchmark(name: str | os.PathLike, split: str, n: int, seed: int = 0, start: int = 0,
+                   **options: Any) -> Iterator[Sample]:
+    """Samples `start .. start + n - 1` of a benchmark split, built one at a time.
+
+    The arguments are checked (and a dataset file read and checked) when this is called, before the first sample.
+    """
+    if is_dataset_file(name):
+        return iter_dataset_file(name, split, n, start=start, **options)
     config_cls, factory = _entry(name)
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     cfg = config_cls(**options)
-    for index in range(start, start + n):
-        yield factory(split, seed, index, cfg)
+    return (factory(split, seed, index, cfg) for index in range(start, start + n))
 
 
-def load_benchmark(name: str, split: str, n: int, seed: int = 0, start: int = 0, **options: Any) -> list[Sample]:
+def load_benchmark(name: str | os.PathLike, split: str, n: int, seed: int = 0, start: int = 0,
+                   **options: Any) -> list[Sample]:
     """The first `n` samples (from index `start`) of `split` of benchmark `name`.
 
     Args:
-    - name: "shapes", "docs" or "video".
-    - split: "train", "calibration" or "test".
-    - n: number of samples; any multiple of the answer-cycle length gives exactly balanced answers.
-    - seed: selects an independent copy of every split.
-    - options: fields of the benchmark's config dataclass (`ShapesConfig`, `DocsConfig`, `VideoConfig`).
+    - name: "shapes", "docs" or "video"; or the path of a dataset file ending in `.jsonl` (your own images or
+      videos, questions and answers; format and checks in `user.py`).
+    - split: "train", "calibration" or "test". A dataset file's lines may name their split; a line without one
+      belongs to every split.
+    - n: number of samples; any multiple of the answer-cycle length gives exactly balanced answers. A dataset
+      file with fewer than `n` lines of the split (after `start`) is an error that says how many it has.
+    - seed: selects an independent copy of every split; ignored for a dataset file (its order is the file's).
+    - start: index of the first sample (for a dataset file: lines of the split to skip).
+    - options: fields of the benchmark's config dataclass (`ShapesConfig`, `DocsConfig`, `VideoConfig`); a
+      dataset file takes none.
     """
     return list(iter_benchmark(name, split, n, seed, start, **options))
 
