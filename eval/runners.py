@@ -34,6 +34,10 @@ BATCH_FIELDS = ("answers", "equivalent_vision_tokens", "vision_tokens", "prefill
                 "prefill_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb")
 
 
+FULL_HASH_BYTES = 512 * 2**20
+SAMPLE_BYTES = 16 * 2**20
+
+
 class Runner:
     """A model the harness can evaluate: its depth, its vision tokens, and greedy answers under a method."""
 
@@ -61,13 +65,25 @@ class Runner:
         return ""
 
     def fingerprint(self) -> str:
-        """Changes whenever the weights do, so a retrained model never reuses stale cached batches."""
+        """Changes whenever the weights do, so a retrained model never reuses stale cached batches.
+
+        Files up to `FULL_HASH_BYTES` are hashed whole; a larger one (a real 7B checkpoint) by its size,
+        modification time and its first and last `SAMPLE_BYTES`, which a rewrite or copy changes too.
+        """
         if self.checkpoint is None:
             return ""
         digest = hashlib.sha1()
         for path in sorted(self.checkpoint.glob("*.safetensors")):
             digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                if size <= FULL_HASH_BYTES:
+                    digest.update(handle.read())
+                    continue
+                digest.update(f"{size}:{path.stat().st_mtime_ns}".encode())
+                digest.update(handle.read(SAMPLE_BYTES))
+                handle.seek(size - SAMPLE_BYTES)
+                digest.update(handle.read(SAMPLE_BYTES))
         return digest.hexdigest()
 
 

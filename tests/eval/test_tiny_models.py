@@ -85,3 +85,14 @@ def test_normalize_answer():
     assert normalize_answer(" Red </s>") == "red"
     assert normalize_answer("") == ""
     assert normalize_answer("left, right") == "left"
+
+
+def test_a_processor_saved_with_right_padding_loads_padding_left(tmp_path):
+    """Batched generation continues every row from its last token, whatever side the saved processor pads on."""
+    model, processor = build_tiny("tiny-llava-shapes", seed=0)
+    processor.tokenizer.padding_side = "right"
+    folder = tmp_path / "right-padded"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    _, loaded = load_tiny(folder)
+    assert loaded.tokenizer.padding_side == "left"
