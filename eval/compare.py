@@ -10,16 +10,21 @@ baseline, random, FastV, PyramidDrop and the searched schedules side by side wit
 Output (`--out DIR`): `rank/` (JSON + Kendall τ heat map), `schedules/*.json` (each with a `.log.json` of its
 search), `bench/` (results.json / .md / accuracy_vs_flops.png, per-sample predictions) and `summary.json` with
 the search costs (model evaluations, seconds).
+
+A budget is a promise. A searched schedule whose mean keep exceeds its budget (P-Sigmoid can miss it when no trial
+fits) is written with `"budget_met": false`, warned about, flagged in `summary.json` (`over_budget`, and
+`budget_met` on its result row) and marked in its cell of `comparison.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUDGETS", "add_subparser", "comparison_markdown", "plot_comparison", "run_compare"]
+__all__ = ["DEFAULT_BUDGETS", "add_subparser", "budget_check", "comparison_markdown", "plot_comparison", "run_compare"]
 
 #: 192 / 128 / 64 of LLaVA-1.5's 576 tokens. With layer 0 always full, an L-layer model cannot go below 1/L on
 #: average (12.5% at 8 layers), so budgets under that are reported as skipped; `--budgets` picks others.
@@ -33,17 +38,44 @@ def _baselines(budget: float, depth: int) -> list[str]:
             f"pdrop:layers={pdrop_layers},equivalent={budget}"]
 
 
+#: Slack when comparing a schedule's mean keep with its budget (float noise only).
+_SLACK = 1e-12
+
+
+def budget_check(row: dict, summary: dict) -> dict | None:
+    """For the result row of a schedule searched under a budget: {"budget", "mean_keep", "budget_met"}, with the
+    mean keep over layers of the schedule as searched (`summary["searches"]`). None for every other row."""
+    spec = row["spec"]
+    if not spec.startswith("schedule:path="):
+        return None
+    search = summary.get("searches", {}).get(Path(spec.split("=", 1)[1]).stem)
+    if not search or search.get("budget") is None or not search.get("keep"):
+        return None
+    budget, mean = float(search["budget"]), sum(search["keep"]) / len(search["keep"])
+    return {"budget": budget, "mean_keep": round(mean, 6), "budget_met": mean <= budget + _SLACK}
+
+
 def comparison_markdown(summary: dict) -> str:
-    """One line per budget, one column per method: accuracy, then mean vision tokens and prefill FLOPs share."""
+    """One line per budget, one column per method: accuracy, then mean vision tokens and prefill FLOPs share.
+
+    A searched schedule over its budget keeps its cell, marked `over budget: MEAN > BUDGET`, and a note under the
+    table names it: it is not an equal-budget result."""
     rows = summary["results"]
     baseline = next(r for r in rows if r["spec"] == "baseline")
     families = ("random", "fastv", "pdrop", "gsearch", "psigmoid")
+    over: list[str] = []
 
     def cell(row: dict) -> str:
         if row.get("accuracy") is None:
             return "skipped"
-        return (f"**{100 * row['accuracy']:.1f}%** ({row['equivalent_vision_tokens']:.0f} tok, "
-                f"{100 * row['flops_ratio']:.0f}% FLOPs)")
+        text = (f"**{100 * row['accuracy']:.1f}%** ({row['equivalent_vision_tokens']:.0f} tok, "
+                f"{100 * row['flops_ratio']:.0f}% FLOPs")
+        check = budget_check(row, summary)
+        if check is not None and not check["budget_met"]:
+            text += f"; over budget: {check['mean_keep']:.4g} > {check['budget']:g}"
+            over.append(f"`{Path(row['spec'].split('=', 1)[1]).stem}` keeps {check['mean_keep']:.4g} of the vision "
+                        f"tokens on average, over its budget of {check['budget']:g}")
+        return text + ")"
 
     lines = ["| budget (mean kept) | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|",
              f"| baseline | {cell(baseline)} |" + " |" * (len(families) - 1)]
@@ -57,6 +89,8 @@ def comparison_markdown(summary: dict) -> str:
         lines.append(f"| {budget:.1%} | " + " | ".join(cell(group[f]) if f in group else "" for f in families) + " |")
     for budget, why in summary.get("skipped_budgets", {}).items():
         lines.append(f"| {float(budget):.1%} | skipped: {why} |" + " |" * (len(families) - 1))
+    if over:
+        lines += ["", "**Over budget, not an equal-budget result:** " + "; ".join(over) + "."]
     return "\n".join(lines)
 
 
@@ -102,11 +136,22 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
 
     def record(name: str, schedule, entry: dict) -> str:
         path = root / "schedules" / f"{name}.json"
-        schedule.to_json(path)
-        path.with_suffix(".log.json").write_text(json.dumps(entry, indent=2, default=str))
-        searches[name] = {k: v for k, v in entry.items() if k not in ("log", "trials")} | {"keep": schedule.keep}
+        mean = sum(schedule.keep) / depth
+        fields = {}
+        if entry.get("budget") is not None:  # searched under a budget: say whether it kept the promise
+            met = mean <= entry["budget"] + _SLACK
+            fields = {"budget_met": met, "cost": round(mean, 6), "budget_kind": "equivalent",
+                      "budget_value": entry["budget"]}
+            if not met:
+                print(f"WARNING: {name} keeps {mean:.3f} of the vision tokens on average, over its budget of "
+                      f"{entry['budget']:g}; it is marked over budget in summary.json and comparison.md (more "
+                      "--trials may fit it)", file=sys.stderr)
+        path.write_text(json.dumps(schedule.to_dict() | fields, indent=2))
+        path.with_suffix(".log.json").write_text(json.dumps(entry | fields, indent=2, default=str))
+        searches[name] = ({k: v for k, v in entry.items() if k not in ("log", "trials")} | fields
+                          | {"keep": list(schedule.keep)})
         say(f"{name}: keep [{', '.join(f'{k:.2f}' for k in schedule.keep)}] "
-            f"(mean {sum(schedule.keep) / depth:.3f}), {entry['evaluations']} evaluations, {entry['seconds']:.0f} s")
+            f"(mean {mean:.3f}), {entry['evaluations']} evaluations, {entry['seconds']:.0f} s")
         return str(path)
 
     schedule, result = gsearch(calibration, epsilon, grid, model_name, progress=progress, score_cache=scores)
@@ -137,7 +182,12 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
 
     rows = run_bench(BenchConfig(model=model_name, dataset=dataset, specs=specs, samples=samples, seed=seed,
                                  split="test", batch_size=batch_size, out=str(root / "bench"), progress=progress))
+    for row in rows:
+        check = budget_check(row, summary)
+        if check is not None:
+            row.update(check)
     summary["results"] = rows
+    summary["over_budget"] = [name for name, s in searches.items() if s.get("budget_met") is False]
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (root / "comparison.md").write_text(comparison_markdown(summary) + "\n")
     plot_comparison(summary, root / "accuracy_vs_flops.png")

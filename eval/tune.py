@@ -5,12 +5,16 @@
     mmreduce rank-analysis --model tiny-llava-shapes --dataset shapes --out runs/rank
 
 Schedules are searched on the `calibration` split (never on `test`); `wrap(model, "schedule", path=...)` runs them.
+A budget is a promise: when no P-Sigmoid trial fits it, `tune` refuses (more `--trials` or a looser `--budget`
+usually fix it) unless `--allow-over-budget` is given; the schedule JSON then says `"budget_met": false` and its
+`"cost"`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -42,33 +46,56 @@ def _tune(args: argparse.Namespace) -> int:
     from mmreduce.flops import ModelDims
     from mmreduce.schedules import Budget, Calibration, gsearch, psigmoid_schedule, schedule_cost, tune_psigmoid
 
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; give the schedule file to write (e.g. "
+                         f"{str(Path(args.out) / (args.method + '.json'))!r})")
+    budget = None
+    if args.method == "psigmoid":  # read the budget before loading anything
+        if args.budget is None:
+            raise ValueError("--budget is required for --method psigmoid (e.g. --budget 0.22 or --budget flops=0.4)")
+        budget = Budget.parse(args.budget)
+        if args.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {args.trials}")
     torch.manual_seed(args.seed)
     model, _, batches, labels = calibration_set(args.model, args.dataset, args.samples, args.batch_size, args.seed)
     calibration = Calibration(model, batches, labels, objective=args.objective)
     print(f"calibration: {args.samples} {args.dataset} samples, objective {args.objective}, "
           f"unreduced score {calibration.reference_score:.3f}")
     start = time.perf_counter()
+    extra: dict = {}
     if args.method == "gsearch":
         schedule, result = gsearch(calibration, epsilon=args.epsilon, grid_size=args.grid, model_name=args.model)
         record = {"evaluations": result.evaluations, "seconds": result.seconds, "log": result.log}
     else:
-        if args.budget is None:
-            raise SystemExit("--budget is required for psigmoid (e.g. 0.22 or flops=0.4)")
-        budget = Budget.parse(args.budget)
+        depth = calibration.num_layers
+        if budget.kind == "equivalent" and budget.value < 1 / depth:
+            raise ValueError(f"--budget {args.budget} is below 1/{depth} = {1 / depth:.3f}: layer 0 keeps every vision "
+                             f"token, so no schedule of this {depth}-layer model reaches it; use --budget >= "
+                             f"{1 / depth:.3f}")
         dims = ModelDims.from_config(model.config.text_config)
         vision = int((batches[0]["input_ids"][0] == model.config.image_token_id).sum())
         text = int(batches[0]["attention_mask"][0].sum()) - vision
-        result = tune_psigmoid(calibration.num_layers, calibration.evaluate, budget,
+        result = tune_psigmoid(depth, calibration.evaluate, budget,
                                cost=lambda keep: schedule_cost(keep, budget, dims, vision, text),
                                trials=args.trials, seed=args.seed)
+        if not result.budget_met:
+            fixes = f"run more --trials (now {args.trials}), loosen --budget"
+            if not args.allow_over_budget:
+                raise ValueError(f"{result.over_budget_message()}; nothing written to {args.out}. To fix: {fixes}, "
+                                 "or pass --allow-over-budget to write it marked \"budget_met\": false")
+            print(f"WARNING: {result.over_budget_message()}; writing it anyway (--allow-over-budget) with "
+                  f"\"budget_met\": false in {args.out}. To fix: {fixes}", file=sys.stderr)
         schedule = psigmoid_schedule(result, args.model, budget)
-        record = {"params": result.params, "objective": result.objective, "cost": result.cost,
+        extra = result.budget_fields()
+        record = {"params": result.params, "objective": result.objective, **extra,
                   "evaluations": len(result.trials), "seconds": result.seconds, "trials": result.trials}
-    schedule.to_json(args.out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(schedule.to_dict() | extra, indent=2))
     log_path = Path(args.out).with_suffix(".log.json")
     log_path.write_text(json.dumps({"args": vars(args) | {"func": None}, **record}, indent=2, default=str))
     keep = ", ".join(f"{k:.2f}" for k in schedule.keep)
-    print(f"schedule [{keep}] (mean {sum(schedule.keep) / len(schedule.keep):.3f}) -> {args.out}")
+    cost = f", cost {extra['cost']:.3f} of budget {budget.value:g}" if extra else ""
+    print(f"schedule [{keep}] (mean {sum(schedule.keep) / len(schedule.keep):.3f}{cost}) -> {args.out}")
     print(f"{record['evaluations']} evaluations in {time.perf_counter() - start:.0f} s; log: {log_path}")
     return 0
 
@@ -105,6 +132,9 @@ def add_subparser(subparsers) -> None:
     tune.add_argument("--grid", type=int, default=16, help="gsearch: grid of fractions k/GRID")
     tune.add_argument("--budget", default=None, help="psigmoid: 0.22 (equivalent fraction) or flops=0.4")
     tune.add_argument("--trials", type=int, default=30, help="psigmoid: Bayesian optimization trials")
+    tune.add_argument("--allow-over-budget", action="store_true",
+                      help="psigmoid: when no trial fits the budget, write the least-overrunning schedule (marked "
+                           "\"budget_met\": false, with a warning) instead of refusing")
     tune.add_argument("--out", required=True, help="schedule JSON to write")
     tune.set_defaults(func=_tune)
     rank = subparsers.add_parser("rank-analysis", help="Kendall τ of vision-token attention rankings across layers")

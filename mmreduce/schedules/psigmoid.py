@@ -16,7 +16,10 @@ from typing import Callable, Sequence
 from ..flops import ModelDims, prefill_flops
 from ..methods.schedule import Schedule
 
-__all__ = ["Budget", "PSigmoidResult", "psigmoid_keep", "schedule_cost", "tune_psigmoid"]
+__all__ = ["Budget", "PSigmoidResult", "psigmoid_keep", "psigmoid_schedule", "schedule_cost", "tune_psigmoid"]
+
+#: Slack when comparing a cost with its budget (float noise only; a budget is a promise, not a target).
+BUDGET_SLACK = 1e-12
 
 
 def psigmoid_keep(num_layers: int, k: float, alpha: float, b: float) -> list[float]:
@@ -75,12 +78,34 @@ def schedule_cost(keep: Sequence[float], budget: Budget, dims: ModelDims | None 
 
 @dataclass
 class PSigmoidResult:
+    """The tuned schedule. `cost` is in the budget's unit; when no trial fits the budget, the schedule is the
+    least-overrunning one and `budget_met` is False: callers must refuse it or say so (`over_budget_message`)."""
+
     params: dict
     keep: list[float]
     objective: float
     cost: float
     seconds: float
     trials: list[dict] = field(default_factory=list)
+    budget: Budget | None = None
+
+    @property
+    def budget_met(self) -> bool:
+        return self.budget is None or self.cost <= self.budget.value + BUDGET_SLACK
+
+    def budget_fields(self) -> dict:
+        """What a schedule JSON records about its budget: `budget_met`, the achieved `cost` and the limit."""
+        fields = {"budget_met": self.budget_met, "cost": round(self.cost, 6)}
+        if self.budget is not None:
+            fields |= {"budget_kind": self.budget.kind, "budget_value": self.budget.value}
+        return fields
+
+    def over_budget_message(self) -> str:
+        """One line: what the returned schedule costs against the budget (empty when the budget is met)."""
+        if self.budget_met:
+            return ""
+        return (f"P-Sigmoid found no schedule within the budget: the cheapest of {len(self.trials)} trials costs "
+                f"{self.cost:.3f} > {self.budget.kind} budget {self.budget.value:g}")
 
 
 def tune_psigmoid(
@@ -97,8 +122,8 @@ def tune_psigmoid(
     """Bayesian optimization (package `bayesian-optimization`) of (k, α, b) for objective − penalty·overrun.
 
     `objective(keep)` is maximised; `cost(keep)` (default: the equivalent fraction) must stay <= budget.value;
-    outside it the score drops by `penalty` × the relative overrun. Returns the best schedule within budget (or
-    the least-overrunning one, flagged by `cost > budget.value`).
+    outside it the score drops by `penalty` × the relative overrun. Returns the best schedule within budget, or
+    the least-overrunning one with `budget_met` False (never silently: see `PSigmoidResult`).
     """
     from bayes_opt import BayesianOptimization
     from tqdm.auto import tqdm
@@ -122,14 +147,17 @@ def tune_psigmoid(
         target = value - penalty * overrun
         optimizer.register(params=params, target=target)
         log.append({"trial": trial, **params, "objective": value, "cost": spent, "target": target})
-    within = [t for t in log if t["cost"] <= budget.value + 1e-12]
+    within = [t for t in log if t["cost"] <= budget.value + BUDGET_SLACK]
     best = max(within, key=lambda t: (t["objective"], -t["cost"])) if within else min(log, key=lambda t: t["cost"])
     params = {key: best[key] for key in ("k", "alpha", "b")}
     return PSigmoidResult(params, psigmoid_keep(num_layers, **params), best["objective"], best["cost"],
-                          time.perf_counter() - start, log)
+                          time.perf_counter() - start, log, budget)
 
 
 def psigmoid_schedule(result: PSigmoidResult, model_name: str | None, budget: Budget) -> Schedule:
-    return Schedule(keep=result.keep, unit="fraction", model=model_name,
-                    budget=f"psigmoid {budget.kind}={budget.value} k={result.params['k']:.4f} "
-                           f"alpha={result.params['alpha']:.4f} b={result.params['b']:.4f}")
+    """The tuned schedule; its `budget` note ends with "OVER BUDGET (cost ...)" when the budget was missed."""
+    note = (f"psigmoid {budget.kind}={budget.value} k={result.params['k']:.4f} "
+            f"alpha={result.params['alpha']:.4f} b={result.params['b']:.4f}")
+    if result.cost > budget.value + BUDGET_SLACK:
+        note += f" OVER BUDGET (cost {result.cost:.4f})"
+    return Schedule(keep=result.keep, unit="fraction", model=model_name, budget=note)
