@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mmreduce import MethodSpec, parse_spec
+from mmreduce import Baseline, MethodSpec, parse_spec
 from mmreduce.spec import BudgetUnreachable
 
 from .accuracy import is_correct
@@ -291,6 +291,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         + (f", {shard.world} processes" if shard.world > 1 else ""))
     plan = _plan(specs, runner, depth, vision, config.model)  # every method checked before any batch runs
     data = _data_fingerprint(samples)
+    if any(method is not None for _, method, _ in plan):
+        # Untimed and unrecorded: first-call allocations and lazy set-up would otherwise be charged to whichever
+        # method runs first (its prefill time and peak memory).
+        runner.run_batch(samples[:config.batch_size], Baseline(), config.max_new_tokens)
     rows = []
     for spec, method, reason in plan:
         if method is None:

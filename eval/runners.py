@@ -180,6 +180,7 @@ class PeakMemory:
 
     @staticmethod
     def _reset_cpu_peak() -> bool:
+        _release_free_memory()
         try:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")  # 5 resets the peak resident set size (Linux >= 4.0)
@@ -197,6 +198,17 @@ class PeakMemory:
         except OSError:
             pass
         return 0.0
+
+
+def _release_free_memory() -> None:
+    """Returns freed heap pages to the OS (glibc `malloc_trim`), so that memory a block needs shows up as resident
+    memory it adds; without this, memory freed by the previous block is reused unseen."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_runner(name_or_path: str | os.PathLike, device: str) -> Runner:
