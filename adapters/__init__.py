@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
+from .base import ImageGrid, ModelAdapter, TokenCell
 from .llava import LlavaAdapter
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "get_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "ImageGrid", "LlavaAdapter", "ModelAdapter", "TokenCell", "adapter_class", "get_adapter",
+           "load_pretrained", "register_adapter"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -41,3 +42,27 @@ def get_adapter(model: nn.Module, adapter: ModelAdapter | type[ModelAdapter] | s
             "to mmreduce.wrap"
         )
     return ADAPTERS[model_type](model)
+
+
+def adapter_class(model_type: str | None) -> type[ModelAdapter]:
+    """The adapter class registered for `model_type`; ValueError naming the supported families otherwise."""
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"no mmreduce adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}. To add "
+            "one, subclass mmreduce.adapters.ModelAdapter and call mmreduce.adapters.register_adapter(YourAdapter)"
+        )
+    return ADAPTERS[model_type]
+
+
+def load_pretrained(path, **kwargs) -> nn.Module:
+    """Loads the checkpoint folder `path` offline with the class its family's adapter names (`model_class`).
+
+    `kwargs` go to `from_pretrained` (e.g. `dtype`, `attn_implementation`). Remote code is never trusted here:
+    a family that needs it must be loaded by the caller, deliberately.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model_class = adapter_class(getattr(config, "model_type", None)).model_class(config)
+    return model_class.from_pretrained(path, local_files_only=True, **kwargs)
+

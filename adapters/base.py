@@ -6,14 +6,41 @@ modules are the decoder layers, and how to recompute one layer's attention row w
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmreduce.probe import apply_rotary, last_query_attention
 
-__all__ = ["ModelAdapter"]
+__all__ = ["NEWLINE", "ImageGrid", "ModelAdapter", "TokenCell"]
+
+#: `TokenCell.panel` of a newline token (LLaVA-NeXT ends every feature row with one).
+NEWLINE = -1
+
+
+@dataclass(frozen=True)
+class TokenCell:
+    """Where one vision token of a prompt comes from: patch (row, col) of panel `panel` of image `image`.
+
+    Panels: 0 is the whole image (LLaVA-1.5's image, LLaVA-NeXT's base image, a global image or thumbnail),
+    k >= 1 is crop or tile k (row-major); a newline token has panel NEWLINE and `row` = the feature row it ends.
+    """
+
+    image: int
+    panel: int
+    row: int
+    col: int
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """The panels of one image: `crops` (rows, cols) of crops or tiles, (0, 0) for a single panel, and `side`
+    patches per panel side."""
+
+    crops: tuple[int, int]
+    side: int
 
 
 class ModelAdapter:
@@ -25,9 +52,23 @@ class ModelAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: Decoder-layer keyword arguments holding one entry per token along dim 1, (B, T, ...), that the engine must
+    #: gather with the hidden states at every drop (e.g. DocOwl's `modality_indicators`).
+    per_token_layer_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def model_class(cls, config) -> type[nn.Module]:
+        """The transformers class that loads a checkpoint of this family with `from_pretrained`."""
+        from transformers import AutoModelForImageTextToText
+
+        try:
+            return AutoModelForImageTextToText._model_mapping[type(config)]
+        except KeyError:
+            raise ValueError(f"{cls.__name__} has no model class for {type(config).__name__}; override "
+                             "ModelAdapter.model_class") from None
 
     # ---- family specifics -------------------------------------------------------------------------------------
     @property
@@ -56,6 +97,27 @@ class ModelAdapter:
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.text_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return len(self.decoder_layers())
+
+    def count_vision_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) vision tokens of each prompt in `input_ids` (B, T)."""
+        return self.vision_mask(input_ids=input_ids).sum(dim=1)
+
+    def text_vision_mask(self, text_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """(B, T) vision mask read from the text model's own arguments, for families that expand their image
+        placeholders before the text model (the multimodal module's `input_ids` then do not line up with the
+        text model's tokens); None (the default) takes the mask from `vision_mask` on the multimodal inputs."""
+        return None
+
+    def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """Every vision token of a one-prompt `inputs` (processor outputs) in `input_ids` order, and each image's
+        panel grid: what methods, stats and the demo's overlays use to map tokens to pixels."""
+        raise NotImplementedError(f"{type(self).__name__} has no token layout for "
+                                  f"{getattr(self.model.config, 'model_type', '?')}")
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) output of the last decoder layer -> (..., V) logits (final norm, then the LM head)."""
@@ -91,6 +153,7 @@ class ModelAdapter:
         query_index: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_valid: torch.Tensor,
+        layer_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Attention probabilities of one query per sample over all keys, as `layer` would compute them.
 
@@ -103,6 +166,8 @@ class ModelAdapter:
             query_index: (B,) position in `hidden` of the query token of each sample.
             position_embeddings: (cos, sin), each (B or 1, T, head_dim), for the tokens of `hidden`.
             key_valid: (B, T) bool, keys that may be attended to (padding and dropped tokens are False).
+            layer_kwargs: the other keyword arguments the layer receives for this stream (with the
+                `per_token_layer_kwargs` gathered to it), for families whose projections depend on them.
 
         Returns:
             (B, H, T) float32 probabilities; keys after the query or invalid get 0.
@@ -130,10 +195,15 @@ class ModelAdapter:
             original_index: (B, T') indices into the full prompt of the tokens kept in the stream.
 
         Returns:
-            The entries to replace: RoPE of the kept tokens at their *original* positions (gaps stay gaps).
+            The entries to replace: RoPE of the kept tokens at their *original* positions (gaps stay gaps), and
+            every `per_token_layer_kwargs` entry gathered at the kept tokens.
         """
         out = {}
         batch = original_index.shape[0]
+        for name in self.per_token_layer_kwargs:
+            if kwargs.get(name) is not None:
+                value = kwargs[name]
+                out[name] = _gather_tokens(value.expand(batch, *value.shape[1:]), original_index)
         if kwargs.get("position_embeddings") is not None:
             out["position_embeddings"] = tuple(
                 _gather_tokens(t.expand(batch, *t.shape[1:]), original_index) for t in kwargs["position_embeddings"]

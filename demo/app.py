@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmreduce.adapters import get_adapter
+
 from .charts import latency_chart, schedule_chart, tokens_chart
 from .compare import MethodResult, prepare_inputs, run_comparison, vision_positions
 from .inputs import LIMITS_TEXT, DemoInputError, check_question, load_media
@@ -137,13 +139,13 @@ def run_demo(store: ModelStore, model_name: str | None, media: str | None, quest
     model, processor = store.get(model_name)
     inputs = prepare_inputs(processor, images, text)
     positions = vision_positions(model, inputs)
-    num_layers = model.config.text_config.num_hidden_layers
+    num_layers = get_adapter(model).num_layers
     choices = build_methods(methods, num_layers=num_layers, vision_tokens=len(positions), **method_params)
     results = run_comparison(model, processor, inputs, choices, **settings)
     comparison = Comparison(text, kind, results)
     for result in results[1:]:
         try:
-            comparison.overlays += draw_kept_tokens(model.config, processor, inputs, positions,
+            comparison.overlays += draw_kept_tokens(get_adapter(model), processor, inputs, positions,
                                                     result.kept_positions, result.label)
         except ValueError as error:  # an unknown packing: the numbers stay valid, only the picture is missing
             comparison.overlay_note = str(error)
@@ -167,7 +169,7 @@ def preview_schedule(store: ModelStore, model_name: str | None, schedule_file: s
     model, _ = store.get(model_name)
     try:
         schedule = mmreduce.Schedule(path=str(schedule_file))
-        schedule.check_stages(model.config.text_config.num_hidden_layers)
+        schedule.check_stages(get_adapter(model).num_layers)
     except ValueError as error:
         raise DemoInputError(f"schedule file {Path(str(schedule_file)).name!r}: {error}") from None
     full = schedule.keep[0]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import mmreduce
+from mmreduce.adapters import get_adapter
 from mmreduce.eval.tiny_models import prompt_for
 
 from .methods import MethodChoice
@@ -64,8 +65,8 @@ def prepare_inputs(processor, images, question: str) -> dict:
 
 def vision_positions(model, inputs: dict) -> list[int]:
     """Indices into `input_ids` of the vision tokens, in order (what `kept_positions` refers to)."""
-    token = model.config.image_token_id
-    return (inputs["input_ids"][0] == token).nonzero().flatten().tolist()
+    vision = get_adapter(model).vision_mask(input_ids=inputs["input_ids"][:1])  # (1, T)
+    return vision[0].nonzero().flatten().tolist()
 
 
 def _run_once(model, method, inputs, max_new_tokens: int, pad_token_id):

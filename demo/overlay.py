@@ -1,11 +1,8 @@
-"""Which patch of which image (and which crop) each vision token is, and pictures of the kept ones per drop stage.
+"""Pictures of the kept vision tokens per drop stage.
 
-The layout follows the models' own packing, derived from `model.config` and the processor outputs:
-- LLaVA-1.5: image i's tokens are its (S/p)^2 patches in row-major order (CLS dropped).
-- LLaVA-NeXT (anyres): the base image's patches, then the crops' patches as one big feature map (crops row by
-  row), unpadded to the image's aspect ratio, each feature row followed by one newline token. Unpadding is
-  taken from transformers itself (`unpad_image` applied to a map of cell indices), so it cannot drift.
-Panels are drawn from `pixel_values`, i.e. exactly the pixels the model saw (base image and each crop).
+Which patch of which image (and which crop) each vision token is comes from the model family's adapter
+(`ModelAdapter.token_layout`). Panels are drawn from `pixel_values`, i.e. exactly the pixels the model saw (base
+image and each crop).
 """
 
 from __future__ import annotations
@@ -17,63 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["TokenCell", "draw_kept_tokens", "token_layout"]
+from mmreduce.adapters.base import NEWLINE, ImageGrid, TokenCell
 
-NEWLINE = -1  # `TokenCell.panel` of a newline token
+__all__ = ["NEWLINE", "TokenCell", "draw_kept_tokens"]
+
 _PANEL_MIN = 160  # panels are upscaled to at least this many pixels so that 4x4 crops stay visible
 _GAP = 6
 _DROPPED = (20, 20, 28)
-
-
-@dataclass(frozen=True)
-class TokenCell:
-    """One vision token: patch (row, col) of panel `panel` (0: the image or base image, k >= 1: crop k) of
-    image `image`; a newline token has panel NEWLINE and `row` = the feature row it ends (padded grid)."""
-
-    image: int
-    panel: int
-    row: int
-    col: int
-
-
-@dataclass(frozen=True)
-class _ImageGrid:
-    crops: tuple[int, int]  # (rows, cols) of crops; (0, 0) for a single panel
-    side: int  # patches per panel side
-
-
-def token_layout(config, inputs: dict) -> tuple[list[TokenCell], list[_ImageGrid]]:
-    """Every vision token of the prompt in `input_ids` order, and each image's crop grid.
-
-    Raises ValueError for a model type whose packing is not known here.
-    """
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    pixel_values = inputs["pixel_values"]
-    cells: list[TokenCell] = []
-    grids: list[_ImageGrid] = []
-    if config.model_type == "llava":
-        for image in range(pixel_values.shape[0]):
-            cells += [TokenCell(image, 0, r, c) for r in range(side) for c in range(side)]
-            grids.append(_ImageGrid((0, 0), side))
-        return cells, grids
-    if config.model_type != "llava_next":
-        raise ValueError(f"no token layout for model type {config.model_type!r} (known: llava, llava_next)")
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    for image, size in enumerate(inputs["image_sizes"].tolist()):
-        cells += [TokenCell(image, 0, r, c) for r in range(side) for c in range(side)]
-        rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
-        width = cols * side
-        index = torch.arange(rows * side * width).view(1, rows * side, width)
-        for feature_row in unpad_image(index, size)[0].tolist():
-            for flat in feature_row:
-                big_r, big_c = divmod(int(flat), width)
-                crop = (big_r // side) * cols + big_c // side
-                cells.append(TokenCell(image, 1 + crop, big_r % side, big_c % side))
-            cells.append(TokenCell(image, NEWLINE, int(feature_row[0]) // width, -1))
-        grids.append(_ImageGrid((rows, cols), side))
-    return cells, grids
 
 
 def _panels(processor, inputs: dict) -> list[list[Image.Image]]:
@@ -105,7 +52,7 @@ def _shade(panel: Image.Image, side: int, scale: int, kept: set[tuple[int, int]]
     return Image.alpha_composite(big, overlay).convert("RGB")
 
 
-def _compose(image_panels, grid: _ImageGrid, cells: list[TokenCell], kept: list[bool]) -> Image.Image:
+def _compose(image_panels, grid: ImageGrid, cells: list[TokenCell], kept: list[bool]) -> Image.Image:
     by_panel: dict[int, tuple[set, set]] = {}
     newlines: list[tuple[int, bool]] = []
     for cell, keep in zip(cells, kept):
@@ -145,7 +92,7 @@ def _compose(image_panels, grid: _ImageGrid, cells: list[TokenCell], kept: list[
     return canvas
 
 
-def draw_kept_tokens(config, processor, inputs: dict, positions: list[int], kept_positions: dict[int, list[int]],
+def draw_kept_tokens(adapter, processor, inputs: dict, positions: list[int], kept_positions: dict[int, list[int]],
                      label: str) -> list[tuple[Image.Image, str]]:
     """One picture per drop stage: every image (and crop) with the tokens that do not reach that layer darkened.
 
@@ -154,9 +101,12 @@ def draw_kept_tokens(config, processor, inputs: dict, positions: list[int], kept
     """
     if not kept_positions:
         return []
-    cells, grids = token_layout(config, inputs)
+    try:
+        cells, grids = adapter.token_layout(inputs)
+    except NotImplementedError as error:
+        raise ValueError(f"cannot draw kept tokens for this model: {error}") from None
     if len(cells) != len(positions):
-        raise ValueError(f"the prompt has {len(positions)} vision tokens but the {config.model_type} layout gives "
+        raise ValueError(f"the prompt has {len(positions)} vision tokens but {type(adapter).__name__}'s layout gives "
                          f"{len(cells)}; cannot draw kept tokens for this model")
     panels = _panels(processor, inputs)
     pictures = []

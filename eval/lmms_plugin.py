@@ -1,4 +1,5 @@
-"""lmms-eval model plugin: evaluate a local LLaVA / LLaVA-NeXT checkpoint with mmreduce's vision-token reduction on.
+"""lmms-eval model plugin: evaluate a local checkpoint of any family with an adapter (LLaVA, LLaVA-NeXT, ...) with
+mmreduce's vision-token reduction on.
 
     lmms-eval --model mmreduce \\
         --model_args pretrained=/ckpt/llava-1.5-7b-hf,method=pdrop,keep_ratio=0.5,layers=8+16+24 \\
@@ -31,6 +32,7 @@ import torch
 
 import mmreduce
 from mmreduce import MethodSpec, parse_spec
+from mmreduce.adapters import get_adapter
 
 try:  # lmms-eval is optional: the plugin class needs its base class, nothing else here does
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -64,7 +66,6 @@ INSTALL_HINT = (
 # Answers used when a task gives no max_new_tokens (lmms-eval's own HF models default to 1024, far too long for
 # short-answer VQA on CPU); a task's or the user's value always wins.
 DEFAULT_MAX_NEW_TOKENS = 128
-_MODEL_TYPES = ("llava", "llava_next")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _log = logging.getLogger(__name__)
@@ -217,7 +218,9 @@ class RunStats:
 
 
 def _load(args: PluginArgs):
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from mmreduce.adapters import adapter_class
 
     from .tiny_models import CHECKPOINT_DIR, resolve_checkpoint
 
@@ -229,11 +232,11 @@ def _load(args: PluginArgs):
     except (OSError, ValueError) as exc:
         raise ValueError(f"model_args: pretrained={args.pretrained!r} is neither a checkpoint directory nor a bundled "
                          f"tiny model (in {CHECKPOINT_DIR}) nor loadable by from_pretrained: {exc}") from exc
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if config.model_type not in classes:
-        raise ValueError(f"model_args: pretrained={args.pretrained!r} is a {config.model_type!r} model; the mmreduce "
-                         f"plugin loads {list(_MODEL_TYPES)}")
-    model = classes[config.model_type].from_pretrained(path, dtype=args.dtype,
+    try:
+        family = adapter_class(getattr(config, "model_type", None))
+    except ValueError as exc:
+        raise ValueError(f"model_args: pretrained={args.pretrained!r}: {exc}") from None
+    model = family.model_class(config).from_pretrained(path, dtype=args.dtype,
                                                        attn_implementation=args.attn_implementation)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
@@ -241,7 +244,7 @@ def _load(args: PluginArgs):
 
 
 class MMReduceLMM(_LmmsBase):
-    """lmms-eval model `mmreduce`: a LLaVA / LLaVA-NeXT checkpoint under `mmreduce.wrap` (see the module doc)."""
+    """lmms-eval model `mmreduce`: a checkpoint of a family with an adapter, under `mmreduce.wrap` (module doc)."""
 
     is_simple = True
 
@@ -271,7 +274,7 @@ class MMReduceLMM(_LmmsBase):
 
     # ---- reduction -----------------------------------------------------------------------------------------
     def _build_method(self, vision_tokens: int | None):
-        depth = self.model.config.text_config.num_hidden_layers
+        depth = get_adapter(self.model).num_layers
         return self.args.spec.build(num_layers=depth, vision_tokens=vision_tokens)
 
     def _wrap(self, method) -> mmreduce.ReducedModel:
@@ -281,7 +284,7 @@ class MMReduceLMM(_LmmsBase):
 
     def _reduced_for(self, inputs: dict) -> mmreduce.ReducedModel:
         if self._reduced is None:  # equivalent budget: fitted to the first image's vision tokens
-            tokens = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+            tokens = int(get_adapter(self.model).count_vision_tokens(inputs["input_ids"][:1])[0])
             self._reduced = self._wrap(self._build_method(tokens))
         return self._reduced
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from mmreduce import checkpoints
+from mmreduce.adapters import adapter_class
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -287,17 +288,15 @@ def load_tiny(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"{path / 'config.json'} cannot be read: {error}") from None
-    model_cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}.get(
-        config.model_type)
-    if model_cls is None:
-        raise ValueError(f"{path} holds a {config.model_type!r} model, expected 'llava' or 'llava_next'")
+    model_class = adapter_class(getattr(config, "model_type", None)).model_class(config)
     try:
-        model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                          attn_implementation=attn_implementation)
+        model = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                            attn_implementation=attn_implementation)
     except Exception as error:  # safetensors, torch and transformers each raise their own kind
         weights = sorted(p.name for p in path.glob("*.safetensors")) or ["no *.safetensors file"]
-        raise ValueError(f"the weights in {path} ({', '.join(weights)}) cannot be loaded: {' '.join(str(error).split())}"
-                         " (the checkpoint is incomplete or corrupted: copy or save it again)") from None
+        reason = " ".join(str(error).split())
+        raise ValueError(f"the weights in {path} ({', '.join(weights)}) cannot be loaded: {reason} (the checkpoint "
+                         "is incomplete or corrupted: copy or save it again)") from None
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:

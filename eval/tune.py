@@ -72,8 +72,8 @@ def _tune(args: argparse.Namespace) -> int:
             raise ValueError(f"--budget {args.budget} is below 1/{depth} = {1 / depth:.3f}: layer 0 keeps every vision "
                              f"token, so no schedule of this {depth}-layer model reaches it; use --budget >= "
                              f"{1 / depth:.3f}")
-        dims = ModelDims.from_config(model.config.text_config)
-        vision = int((batches[0]["input_ids"][0] == model.config.image_token_id).sum())
+        dims = ModelDims.from_config(calibration.adapter.text_config)
+        vision = int(calibration.adapter.count_vision_tokens(batches[0]["input_ids"][:1])[0])
         text = int(batches[0]["attention_mask"][0].sum()) - vision
         result = tune_psigmoid(depth, calibration.evaluate, budget,
                                cost=lambda keep: schedule_cost(keep, budget, dims, vision, text),

@@ -249,6 +249,9 @@ class Reducer:
         vision = pending[0] if pending is not None else None
         if vision is not None and tuple(vision.shape) != (batch, length):
             vision = None  # the text model was called with other inputs than the multimodal module saw
+        from_text = self.adapter.text_vision_mask(kwargs)  # families that expand placeholders before the LLM
+        if from_text is not None:
+            vision = from_text.to(torch.bool)
         stats = ReductionStats(method=self.method.describe(), num_layers=self.num_layers, dims=self._dims)
         stats.vision_ms, self._vision_s = self._vision_s * 1e3, 0.0
         if not recompute:
@@ -260,7 +263,7 @@ class Reducer:
         stats.initial_vision_tokens = initial.tolist()
         stats.text_tokens = (input_mask & ~vision).sum(dim=1).tolist()
         stats.vision_tokens_per_layer = [[n] * self.num_layers for n in initial.tolist()]
-        if pending is None or pending[0] is None:
+        if from_text is None and (pending is None or pending[0] is None):
             stats.note = "vision tokens unknown (no input_ids or inputs_embeds reached the multimodal module)"
             return
         if not bool(initial.any()):
@@ -281,7 +284,7 @@ class Reducer:
             initial_vision=initial,
             query_original=query,
             pad_offset=input_mask.float().argmax(dim=1),
-            sample_seed=_sample_seeds(pending[1], input_mask, query),
+            sample_seed=_sample_seeds(pending[1] if pending is not None else None, input_mask, query),
             cache=cache,
             index=positions.expand(batch, -1),
             valid=input_mask,
@@ -302,11 +305,12 @@ class Reducer:
     def _prefill_layer(self, run: _PrefillRun, layer_idx: int, layer: nn.Module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if run.full_kwargs is None:
-            run.full_kwargs = {key: kwargs.get(key) for key in ("position_embeddings", "position_ids")}
+            names = ("position_embeddings", "position_ids", *self.adapter.per_token_layer_kwargs)
+            run.full_kwargs = {key: kwargs.get(key) for key in names}
         if layer_idx in self._score_at:
             # The stream may already be shorter than the stock kwargs: score with the stream's own RoPE.
-            rope = run.group_kwargs.get("position_embeddings", kwargs.get("position_embeddings"))
-            self._select(run, self._score_at[layer_idx], layer_idx, layer, hidden, rope)
+            stream_kwargs = {**kwargs, **run.group_kwargs}
+            self._select(run, self._score_at[layer_idx], layer_idx, layer, hidden, stream_kwargs)
         if layer_idx in self._apply_at:
             hidden = self._apply(run, layer_idx, hidden)
         run.counts.append((run.vision & run.valid).sum(dim=1))
@@ -319,7 +323,7 @@ class Reducer:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _select(self, run: _PrefillRun, stage: DropStage, layer_idx: int, layer, hidden, rope) -> None:
+    def _select(self, run: _PrefillRun, stage: DropStage, layer_idx: int, layer, hidden, layer_kwargs) -> None:
         """Ranks the surviving vision tokens at the input of `layer_idx`; the drop waits for the apply layer."""
         start = self._now(hidden)
         query_index = run.query_index()
@@ -333,11 +337,12 @@ class Reducer:
             vision=run.vision & run.valid,
             key_valid=run.valid,
             query_index=query_index,
-            position_embeddings=rope,
+            position_embeddings=layer_kwargs.get("position_embeddings"),
             original_index=run.index,
             relative_position=run.index - run.pad_offset[:, None],
             sample_seed=run.sample_seed,
             adapter=self.adapter,
+            layer_kwargs=layer_kwargs,
         )
         with torch.no_grad():
             scores = self.method.score(context)  # (B, T_cur)
@@ -519,6 +524,10 @@ def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _sample_seeds(input_ids: torch.Tensor | None, input_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """(B,) a checksum of each sample's real prompt tokens, so seeded methods ignore padding and batch makeup."""
+    if input_ids is not None and tuple(input_ids.shape) != tuple(input_mask.shape):
+        # Placeholders were expanded before the text model: seed from the sample's own (unexpanded) ids.
+        query = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+        input_mask = torch.ones(input_ids.shape, dtype=torch.bool)
     seeds = []
     for row in range(input_mask.shape[0]):
         if input_ids is None:

@@ -11,7 +11,7 @@ import dataclasses
 import fnmatch
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
@@ -137,6 +137,7 @@ class ScoreContext:
         sample_seed: (B,) int64, a per-sample value derived from the sample's own tokens (for seeded methods, so
             that a sample's selection does not depend on the rest of the batch).
         adapter: the model-family adapter.
+        layer_kwargs: the keyword arguments the scoring layer receives for this stream (per-token ones gathered).
     """
 
     layer_idx: int
@@ -150,11 +151,13 @@ class ScoreContext:
     relative_position: torch.Tensor
     sample_seed: torch.Tensor
     adapter: "ModelAdapter"
+    layer_kwargs: dict = field(default_factory=dict)
 
     def attention(self) -> torch.Tensor:
         """(B, H, T) float32 attention of the last prompt token at this layer (recomputed, any attn impl)."""
         return self.adapter.attention_probe(
-            self.layer, self.hidden, self.query_index, self.position_embeddings, self.key_valid
+            self.layer, self.hidden, self.query_index, self.position_embeddings, self.key_valid,
+            layer_kwargs=self.layer_kwargs,
         )
 
 

@@ -14,7 +14,9 @@ from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedu
 from mmreduce.demo.compare import prepare_inputs, vision_positions
 from mmreduce.demo.inputs import DemoInputError
 from mmreduce.demo.methods import build_methods, parse_layers
-from mmreduce.demo.overlay import NEWLINE, TokenCell, draw_kept_tokens, token_layout
+from mmreduce.adapters import get_adapter
+from mmreduce.adapters.base import NEWLINE, TokenCell
+from mmreduce.demo.overlay import draw_kept_tokens
 from mmreduce.demo.summary import cards_html
 
 SHAPES, DOCS = "tiny-llava-shapes", "tiny-llava-next-docs"
@@ -134,7 +136,7 @@ def test_schedule_file_and_extra_spec(tmp_path):
 def test_llava_layout_is_row_major_patches(store):
     model, processor = store.get(SHAPES)
     batch = prepare_inputs(processor, [Image.new("RGB", (128, 128))], "what color is the square ?")
-    cells, grids = token_layout(model.config, batch)
+    cells, grids = get_adapter(model).token_layout(batch)
     assert len(cells) == len(vision_positions(model, batch)) == 256
     assert cells[17] == TokenCell(0, 0, 1, 1) and cells[255] == TokenCell(0, 0, 15, 15)
 
@@ -142,7 +144,7 @@ def test_llava_layout_is_row_major_patches(store):
 def test_llava_next_layout_of_a_wide_page(store):
     model, processor = store.get(DOCS)
     batch = prepare_inputs(processor, [Image.new("RGB", (192, 128))], "what digit is in the cyan box ?")
-    cells, _ = token_layout(model.config, batch)
+    cells, _ = get_adapter(model).token_layout(batch)
     # 128x192 pinpoint: 2 x 3 crops of 4x4 patches -> 8 feature rows of 12 patches + 1 newline each, after 16 base.
     assert len(cells) == len(vision_positions(model, batch)) == 16 + 8 * 13
     assert cells[15] == TokenCell(0, 0, 3, 3)
@@ -155,7 +157,7 @@ def test_llava_next_layout_skips_padding_rows(store):
     model, processor = store.get(DOCS)
     # 128 wide x 96 high on the 128x128 pinpoint: 8x8 feature map, unpadded to 6 rows (1 padding row each side).
     batch = prepare_inputs(processor, [Image.new("RGB", (128, 96))], "what digit is in the cyan box ?")
-    cells, _ = token_layout(model.config, batch)
+    cells, _ = get_adapter(model).token_layout(batch)
     assert len(cells) == len(vision_positions(model, batch)) == 16 + 6 * 9
     assert cells[16] == TokenCell(0, 1, 1, 0)
     assert cells[-1].panel == NEWLINE and cells[-2] == TokenCell(0, 4, 2, 3)
@@ -166,7 +168,7 @@ def test_overlay_darkens_exactly_the_dropped_patches(store):
     batch = prepare_inputs(processor, [Image.new("RGB", (128, 128), (255, 255, 255))], "what color is the square ?")
     positions = vision_positions(model, batch)
     kept = positions[::2]  # every other patch (column parity)
-    [(picture, caption)] = draw_kept_tokens(model.config, processor, batch, positions, {3: kept}, "test")
+    [(picture, caption)] = draw_kept_tokens(get_adapter(model), processor, batch, positions, {3: kept}, "test")
     assert caption == "test: layer 3 keeps 128/256 vision tokens"
     step = picture.width // 16
     centre = lambda r, c: picture.getpixel((c * step + step // 2, r * step + step // 2))  # noqa: E731
