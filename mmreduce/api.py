@@ -54,13 +54,12 @@ class ReducedModel:
         """`model.generate(...)`; without a cache the scoring query stays the last prompt token at every step, so
         `use_cache=False` selects the same tokens as the cached run."""
         self._check_live()
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._reducer.prompt_length = int(input_ids.shape[1]) if input_ids is not None else None
+        self._reducer.start_generate()
         start = time.perf_counter()
         try:
             output = self.model.generate(*args, **kwargs)
         finally:
-            self._reducer.prompt_length = None
+            self._reducer.end_generate()
         self._reducer.stats.generate_ms = (time.perf_counter() - start) * 1e3
         return output
 

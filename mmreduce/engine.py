@@ -135,7 +135,10 @@ class Reducer:
         self._vision_s = self._vision_t0 = 0.0
         self._t0 = 0.0
         self._phase = "prefill"
-        self.prompt_length: int | None = None  # set by ReducedModel.generate: the query stays the last prompt token
+        # Inside ReducedModel.generate: the prompt's length as the text model sees it (placeholders expanded),
+        # taken from its first prefill, so the query stays the last prompt token at every step.
+        self.generating = False
+        self.prompt_length: int | None = None
         self.stats = ReductionStats(method=method.describe(), num_layers=self.num_layers, note="not run yet")
 
     # ---- install / remove -------------------------------------------------------------------------------------
@@ -161,6 +164,13 @@ class Reducer:
             self._handles.pop().remove()
         self._run = None
         self._pending_input = None
+
+    def start_generate(self) -> None:
+        """Called by `ReducedModel.generate` before it runs: the next prefill fixes the prompt length."""
+        self.generating, self.prompt_length = True, None
+
+    def end_generate(self) -> None:
+        self.generating, self.prompt_length = False, None
 
     # ---- prefix reuse -----------------------------------------------------------------------------------------
     def capture(self, prefill: Callable[[], Any], layer: int) -> LayerPrefix:
@@ -236,6 +246,8 @@ class Reducer:
         attention_mask = kwargs.get("attention_mask")
         past = cache.get_seq_length(0) if cache is not None else 0
         self._t0 = self._now(reference)
+        if self.generating and past == 0 and self.prompt_length is None:
+            self.prompt_length = length
         # A cache-free generate() recomputes the whole sequence each step: reduce it again, but count it as decode.
         recompute = past == 0 and self.prompt_length is not None and length > self.prompt_length
         self._phase = "decode" if past > 0 or recompute else "prefill"
