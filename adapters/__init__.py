@@ -8,7 +8,7 @@ from .base import ImageGrid, ModelAdapter, TokenCell
 from .llava import LlavaAdapter
 
 __all__ = ["ADAPTERS", "ImageGrid", "LlavaAdapter", "ModelAdapter", "TokenCell", "adapter_class", "get_adapter",
-           "load_pretrained", "register_adapter"]
+           "load_pretrained", "model_class_for", "register_adapter"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -54,6 +54,11 @@ def adapter_class(model_type: str | None) -> type[ModelAdapter]:
     return ADAPTERS[model_type]
 
 
+def model_class_for(config) -> type[nn.Module]:
+    """The transformers class that loads a checkpoint with this `config`, as its family's adapter names it."""
+    return adapter_class(getattr(config, "model_type", None)).model_class(config)
+
+
 def load_pretrained(path, **kwargs) -> nn.Module:
     """Loads the checkpoint folder `path` offline with the class its family's adapter names (`model_class`).
 
@@ -63,6 +68,5 @@ def load_pretrained(path, **kwargs) -> nn.Module:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model_class = adapter_class(getattr(config, "model_type", None)).model_class(config)
-    return model_class.from_pretrained(path, local_files_only=True, **kwargs)
+    return model_class_for(config).from_pretrained(path, local_files_only=True, **kwargs)
 

@@ -220,7 +220,7 @@ class RunStats:
 def _load(args: PluginArgs):
     from transformers import AutoConfig, AutoProcessor
 
-    from mmreduce.adapters import adapter_class
+    from mmreduce.adapters import model_class_for
 
     from .tiny_models import CHECKPOINT_DIR, resolve_checkpoint
 
@@ -233,11 +233,10 @@ def _load(args: PluginArgs):
         raise ValueError(f"model_args: pretrained={args.pretrained!r} is neither a checkpoint directory nor a bundled "
                          f"tiny model (in {CHECKPOINT_DIR}) nor loadable by from_pretrained: {exc}") from exc
     try:
-        family = adapter_class(getattr(config, "model_type", None))
+        model_class = model_class_for(config)
     except ValueError as exc:
         raise ValueError(f"model_args: pretrained={args.pretrained!r}: {exc}") from None
-    model = family.model_class(config).from_pretrained(path, dtype=args.dtype,
-                                                       attn_implementation=args.attn_implementation)
+    model = model_class.from_pretrained(path, dtype=args.dtype, attn_implementation=args.attn_implementation)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     return model.to(args.device).eval(), processor

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from mmreduce import checkpoints
-from mmreduce.adapters import adapter_class
+from mmreduce.adapters import model_class_for
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -288,7 +288,7 @@ def load_tiny(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float3
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"{path / 'config.json'} cannot be read: {error}") from None
-    model_class = adapter_class(getattr(config, "model_type", None)).model_class(config)
+    model_class = model_class_for(config)
     try:
         model = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
                                             attn_implementation=attn_implementation)
