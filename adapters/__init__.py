@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ImageGrid, ModelAdapter, TokenCell
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 
 __all__ = ["ADAPTERS", "ImageGrid", "LlavaAdapter", "ModelAdapter", "TokenCell", "adapter_class", "get_adapter",
@@ -22,6 +23,7 @@ def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return adapter_cls
 
 
+register_adapter(InternVLAdapter)
 register_adapter(LlavaAdapter)
 
 

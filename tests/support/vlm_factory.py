@@ -183,8 +183,70 @@ def _llava_next_with_batch(attn: str, layers: int) -> tuple[LlavaNextForConditio
     return model, llava_next_batch(model)
 
 
+def tiny_internvl_with_batch(attn: str = "sdpa", layers: int = 6, seed: int = 0,
+                             image_sizes=((56, 112), (56, 56), (112, 112)), prompt_lengths=((3, 5), (1, 2), (6, 9)),
+                             img_start: int = 251, img_end: int = 252):
+    """Tiny InternVL and a left-padded batch of three prompts BOS + text + `<img>` + context x n + `</img>` + text.
+
+    Vision: 56 px tiles, patch 7 -> 8x8 patches, pixel shuffle 0.5 -> 16 tokens per tile. Text: Qwen2 with GQA;
+    its q/k/v biases get random values (they start at zero) so the probe is checked with them. The tiles are made
+    as the InternVL processor makes them (GotOcr2 `crop_to_patches`, at most 4 crops, the thumbnail last, none for
+    a one-tile image): the default sizes give 3, 1 and 5 tiles = 48, 16 and 80 context tokens. Only the context
+    id is `IMAGE_TOKEN`; `<img>` / `</img>` (`img_start` / `img_end`) are text.
+
+    Returns (model, dict(input_ids (3, T), attention_mask (3, T), pixel_values (tiles, 3, 56, 56))): the tiles of
+    every sample in prompt order, concatenated as the processor does. The samples' tile counts differ: a sample's
+    tiles start at row (context tokens of the samples before it) / 16, not at an equal share of `pixel_values`.
+    """
+    from PIL import Image
+    from transformers import (
+        GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config,
+    )
+
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+            patch_size=7,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD_TOKEN, bos_token_id=BOS_TOKEN,
+            eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=16,
+        downsample_ratio=0.5,
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.2)
+    _sharpen(model)
+
+    generator = torch.Generator().manual_seed(seed)
+    processor = GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1,
+                                      max_patches=4)
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
+              for h, w in image_sizes]
+    processed = processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=processed["pixel_values"][:1]).pooler_output
+    tokens_per_tile = features.shape[1]
+    rows = []
+    for (before, after), tiles in zip(prompt_lengths, processed["num_patches"].tolist()):
+        text_before = torch.randint(3, 200, (before,), generator=generator).tolist()
+        text_after = torch.randint(3, 200, (after,), generator=generator).tolist()
+        image = [img_start] + [IMAGE_TOKEN] * (tokens_per_tile * tiles) + [img_end]
+        rows.append([BOS_TOKEN] + text_before + image + text_after)
+    return model, {**_left_pad(rows), "pixel_values": processed["pixel_values"]}
+
+
 # config.model_type -> (attn implementation, decoder layers) -> (tiny model of that family, left-padded batch).
 VLM_BUILDERS: dict[str, Callable[[str, int], tuple[torch.nn.Module, dict]]] = {
+    "internvl": tiny_internvl_with_batch,
     "llava": _llava_with_batch,
     "llava_next": _llava_next_with_batch,
 }
