@@ -169,8 +169,12 @@ def select_samples(batch: dict, index: int) -> dict:
         single["pixel_values"] = batch["pixel_values"][index:index + 1]
         single["image_sizes"] = batch["image_sizes"][index:index + 1]
     else:
-        per_sample = batch["pixel_values"].shape[0] // batch["input_ids"].shape[0]
-        single["pixel_values"] = batch["pixel_values"][index * per_sample:(index + 1) * per_sample]
+        # Pixel rows in proportion to each sample's vision tokens: LLaVA-1.5 (equal shares) and InternVL (tiles x
+        # tokens per tile; tile counts differ between samples).
+        counts = ((batch["input_ids"] == IMAGE_TOKEN) & batch["attention_mask"].bool()).sum(dim=1).tolist()
+        rows = batch["pixel_values"].shape[0]
+        start, stop = (rows * sum(counts[:i]) // sum(counts) for i in (index, index + 1))
+        single["pixel_values"] = batch["pixel_values"][start:stop]
     return single
 
 
