@@ -7,6 +7,7 @@ from torch import nn
 from .base import ImageGrid, ModelAdapter, TokenCell
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
 __all__ = ["ADAPTERS", "ImageGrid", "LlavaAdapter", "ModelAdapter", "TokenCell", "adapter_class", "get_adapter",
            "load_pretrained", "model_class_for", "register_adapter"]
@@ -25,6 +26,7 @@ def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 register_adapter(InternVLAdapter)
 register_adapter(LlavaAdapter)
+register_adapter(Qwen2VLAdapter)
 
 
 def get_adapter(model: nn.Module, adapter: ModelAdapter | type[ModelAdapter] | str | None = None) -> ModelAdapter:

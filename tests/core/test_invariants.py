@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import mmreduce
-from mmreduce.adapters import ADAPTERS
+from mmreduce.adapters import ADAPTERS, get_adapter
 from mmreduce.methods import DropStage, ReductionMethod
 from tests.support.masked_reference import dropped_from_kept, masked_forward, masked_greedy, reference_selection
-from tests.support.vlm_factory import IMAGE_TOKEN, VLM_BUILDERS, build_vlm, select_samples
+from tests.support.vlm_factory import VLM_BUILDERS, build_vlm, select_samples
 
 LAYERS = 6
 ATTENTION = ["sdpa", "eager"]
@@ -58,6 +58,12 @@ def reducing_example(name: str) -> ReductionMethod:
         pytest.skip(f"{name}: its example has no drop stages (nothing is reduced); "
                     "test_keep_everything_is_bit_identical covers it")
     return method
+
+
+def vision_ids(model) -> tuple[int, ...]:
+    """The placeholder ids the family declares as vision tokens (e.g. Qwen2-VL's image and video pads): a fact of
+    the family that the reference reads, not a computation of the engine."""
+    return get_adapter(model).vision_token_ids()
 
 
 def ranks_by_attention(method: ReductionMethod) -> bool:
@@ -146,11 +152,11 @@ def test_matches_masked_reference(vlm, method):
                                     return_dict_in_generate=True, use_cache=False)
     if ranks_by_attention(reduction):
         # An independent selection from the eager attention weights the model returns.
-        dropped_from, reference_kept = reference_selection(model, batch, reference_stages(reduction), IMAGE_TOKEN)
+        dropped_from, reference_kept = reference_selection(model, batch, reference_stages(reduction), vision_ids(model))
         assert kept == reference_kept, "selection differs from the eager-attention reference"
     else:
         # A method with its own score (e.g. seeded random): check the computation on the engine's selection.
-        dropped_from = dropped_from_kept(batch, kept, IMAGE_TOKEN)
+        dropped_from = dropped_from_kept(batch, kept, vision_ids(model))
     assert kept, "the method dropped nothing: the comparison would be vacuous"
 
     reference_logits, _ = masked_forward(model, batch, dropped_from)

@@ -12,7 +12,11 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["dropped_from_kept", "masked_forward", "masked_greedy", "reference_selection"]
+__all__ = ["dropped_from_kept", "masked_forward", "masked_greedy", "reference_selection", "vision_positions"]
+
+# Inputs with one entry per prompt token besides input_ids / attention_mask: Qwen2-VL's modality of each token
+# (0 text, 1 image, 2 video); a generated token is text (0), as `generate()` extends them.
+PER_TOKEN_INPUTS = ("mm_token_type_ids",)
 
 
 @contextmanager
@@ -27,6 +31,13 @@ def _eager(model):
 
 def _layers(model):
     return model.model.language_model.layers
+
+
+def vision_positions(inputs: dict, vision_ids) -> torch.Tensor:
+    """(B, T) bool: real (non-padding) prompt positions holding one of `vision_ids` (an id or a collection of ids,
+    e.g. Qwen2-VL's image and video pads)."""
+    ids = torch.tensor([vision_ids] if isinstance(vision_ids, int) else sorted(vision_ids))
+    return torch.isin(inputs["input_ids"], ids) & inputs["attention_mask"].bool()
 
 
 def _additive_mask(input_mask: torch.Tensor, dropped: torch.Tensor, dtype) -> torch.Tensor:
@@ -74,16 +85,17 @@ def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], c
     return logits, captured.get("weights")
 
 
-def reference_selection(model, inputs: dict, stages: list[dict], image_token: int):
+def reference_selection(model, inputs: dict, stages: list[dict], vision_ids):
     """Re-derives each stage's kept vision tokens from eager attention, one full forward per stage.
 
     `stages`: dicts with score_layer, apply_layer and one of ratio (of the surviving vision tokens), fraction (of
     the sample's initial ones) or count (absolute), as the method defines its drops.
+    `vision_ids`: the vision token id, or a collection of them (see `vision_positions`).
     Query = the last prompt position (T - 1, prompts are left padded). Ties -> earlier position.
 
     Returns {apply_layer: (B, T) bool dropped-from-here mask}, {apply_layer: per-sample sorted kept positions}.
     """
-    vision = (inputs["input_ids"] == image_token) & inputs["attention_mask"].bool()
+    vision = vision_positions(inputs, vision_ids)
     initial = vision.sum(dim=1)
     dropped = torch.zeros_like(vision)
     dropped_from, kept_positions = {}, {}
@@ -114,9 +126,9 @@ def reference_selection(model, inputs: dict, stages: list[dict], image_token: in
     return dropped_from, kept_positions
 
 
-def dropped_from_kept(inputs: dict, kept_positions: dict[int, list[list[int]]], image_token: int):
+def dropped_from_kept(inputs: dict, kept_positions: dict[int, list[list[int]]], vision_ids):
     """The reference's dropped masks from a given selection (per apply layer, per sample kept positions)."""
-    vision = (inputs["input_ids"] == image_token) & inputs["attention_mask"].bool()
+    vision = vision_positions(inputs, vision_ids)
     dropped_from = {}
     for layer, rows in kept_positions.items():
         dropped = vision.clone()
@@ -126,13 +138,17 @@ def dropped_from_kept(inputs: dict, kept_positions: dict[int, list[list[int]]], 
     return dropped_from
 
 
-def masked_greedy(model, inputs: dict, dropped_from: dict[int, torch.Tensor], steps: int, suppress=(250,)):
+def masked_greedy(model, inputs: dict, dropped_from: dict[int, torch.Tensor], steps: int, suppress=None):
     """Greedy decoding by full recomputation each step; prompt tokens dropped as given, new tokens never dropped.
-    `suppress`: token ids never chosen (the test models' generation_config suppresses the image placeholder).
+    `suppress`: token ids never chosen; by default the model's `generation_config.suppress_tokens`, as `generate()`
+    does (the test models suppress their vision placeholders). Per-token inputs (`PER_TOKEN_INPUTS`) grow with
+    text entries (0) for the new tokens.
 
     Returns (new tokens (B, steps), per-step last-position logits list of (B, V)).
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if suppress is None:
+        suppress = model.generation_config.suppress_tokens or ()
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     tokens, step_logits = [], []
     for _ in range(steps):
@@ -141,8 +157,12 @@ def masked_greedy(model, inputs: dict, dropped_from: dict[int, torch.Tensor], st
         logits, _ = masked_forward(model, {"input_ids": ids, "attention_mask": mask, **extra}, grown)
         last = logits[:, -1, :]
         step_logits.append(last)
-        token = last.clone().index_fill_(1, torch.tensor(list(suppress)), float("-inf")).argmax(dim=-1, keepdim=True)
+        token = last.clone().index_fill_(1, torch.tensor(list(suppress), dtype=torch.long), float("-inf"))
+        token = token.argmax(dim=-1, keepdim=True)
         tokens.append(token)
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        for key in PER_TOKEN_INPUTS:
+            if key in extra:
+                extra[key] = torch.cat([extra[key], torch.zeros_like(token, dtype=extra[key].dtype)], dim=1)
     return torch.cat(tokens, dim=1), step_logits

@@ -1,0 +1,75 @@
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`).
+
+A prompt holds each image as `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>` (a video uses
+`<|video_pad|>`), N = t*h*w / merge^2 of the image's grid; the merge writes the vision features into the pad
+positions only, so the vision tokens are the image and video pads and the start/end markers stay text.
+
+Positions are multi-axis (M-RoPE): the text model folds the temporal/height/width position rows into one
+(cos, sin) pair per token before its decoder layers, so every layer sees plain rotate-half RoPE of shape
+(B, T, head_dim) and, under `generate()`, 2-D text `position_ids` (the first of its four position rows); both are
+what the default `gather_layer_kwargs` and `attention_probe` handle. Decode positions (previous + 1 on every axis,
+offset by `rope_deltas`) are computed by `generate()` from the full prompt and need nothing from mmreduce.
+Qwen2.5-VL's text stack is the same; only its vision tower (windowed attention, no CLS token) differs, and the
+vision tower is only timed. The adapter takes the whole model or its inner `.model` (`Qwen2VLModel` /
+`Qwen2_5_VLModel`, no LM head).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ImageGrid, ModelAdapter, TokenCell
+
+__all__ = ["Qwen2VLAdapter"]
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in self.model_types:
+            raise TypeError(
+                f"Qwen2VLAdapter serves model_type {' / '.join(self.model_types)}, got {model_type!r} "
+                f"({type(model).__name__}); pass the adapter of that family (or none, to pick it from the config)"
+            )
+        inner = model if _is_inner(model) else getattr(model, "model", None)
+        if not _is_inner(inner):
+            raise TypeError(
+                f"{type(model).__name__} has no `.model.visual` and `.model.language_model.layers`; Qwen2VLAdapter "
+                "expects Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration or their inner `.model`"
+            )
+        self._inner = inner
+        for name in ("image_token_id", "video_token_id"):
+            if getattr(config, name, None) is None:
+                raise TypeError(f"{model_type} config has no {name}; cannot locate the vision tokens")
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self._inner
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self._inner.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        return self._inner.visual
+
+    def vision_token_ids(self) -> tuple[int, ...]:
+        """The image and video pad ids (`<|vision_start|>` / `<|vision_end|>` are text)."""
+        config = self.model.config
+        return (int(config.image_token_id), int(config.video_token_id))
+
+    def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        raise NotImplementedError(
+            "Qwen2VLAdapter has no token layout: Qwen2-VL grids are native-resolution (h x w merged patches, t frames "
+            "for a video) and its pixel_values are flattened patches, which ImageGrid's square panels cannot describe"
+        )
+
+
+def _is_inner(module) -> bool:
+    """True for a Qwen2VLModel / Qwen2_5_VLModel: a vision tower `.visual` and a decoder stack `.language_model`."""
+    return hasattr(module, "visual") and hasattr(getattr(module, "language_model", None), "layers")
