@@ -139,6 +139,7 @@ class Reducer:
         # taken from its first prefill, so the query stays the last prompt token at every step.
         self.generating = False
         self.prompt_length: int | None = None
+        self._prompt_ids_length: int | None = None  # ...and as the multimodal module saw it (before expansion)
         self.stats = ReductionStats(method=method.describe(), num_layers=self.num_layers, note="not run yet")
 
     # ---- install / remove -------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Reducer:
 
     def start_generate(self) -> None:
         """Called by `ReducedModel.generate` before it runs: the next prefill fixes the prompt length."""
-        self.generating, self.prompt_length = True, None
+        self.generating, self.prompt_length, self._prompt_ids_length = True, None, None
 
     def end_generate(self) -> None:
         self.generating, self.prompt_length = False, None
@@ -224,7 +225,7 @@ class Reducer:
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         vision = self.adapter.vision_mask(input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"))
-        self._pending_input = (vision, input_ids)
+        self._pending_input = (vision, input_ids, kwargs.get("attention_mask"))
 
     def _on_vision_start(self, module, args):
         self._vision_t0 = self._now(module)
@@ -248,6 +249,7 @@ class Reducer:
         self._t0 = self._now(reference)
         if self.generating and past == 0 and self.prompt_length is None:
             self.prompt_length = length
+            self._prompt_ids_length = pending[1].shape[1] if pending is not None and pending[1] is not None else None
         # A cache-free generate() recomputes the whole sequence each step: reduce it again, but count it as decode.
         recompute = past == 0 and self.prompt_length is not None and length > self.prompt_length
         self._phase = "decode" if past > 0 or recompute else "prefill"
@@ -296,7 +298,8 @@ class Reducer:
             initial_vision=initial,
             query_original=query,
             pad_offset=input_mask.float().argmax(dim=1),
-            sample_seed=_sample_seeds(pending[1] if pending is not None else None, input_mask, query),
+            sample_seed=_sample_seeds(*(pending[1:] if pending is not None else (None, None)), input_mask, query,
+                                      self._prompt_ids_length if self.prompt_length is not None else None),
             cache=cache,
             index=positions.expand(batch, -1),
             valid=input_mask,
@@ -534,12 +537,18 @@ def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _sample_seeds(input_ids: torch.Tensor | None, input_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """(B,) a checksum of each sample's real prompt tokens, so seeded methods ignore padding and batch makeup."""
+def _sample_seeds(input_ids: torch.Tensor | None, ids_mask: torch.Tensor | None, input_mask: torch.Tensor,
+                  query: torch.Tensor, ids_prompt_length: int | None = None) -> torch.Tensor:
+    """(B,) a checksum of each sample's real prompt tokens, so seeded methods ignore padding and batch makeup.
+
+    `input_ids` / `ids_mask`: what the multimodal module received; `input_mask` / `query`: the text model's mask and
+    query; `ids_prompt_length`: the prompt's length in `input_ids` inside a generate() (None: all of them)."""
     if input_ids is not None and tuple(input_ids.shape) != tuple(input_mask.shape):
-        # Placeholders were expanded before the text model: seed from the sample's own (unexpanded) ids.
-        query = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-        input_mask = torch.ones(input_ids.shape, dtype=torch.bool)
+        # Placeholders were expanded before the text model: seed from the sample's own (unexpanded) prompt ids,
+        # without its padding and without the tokens a cache-free generate() appended.
+        length = input_ids.shape[1] if ids_prompt_length is None else ids_prompt_length
+        query = torch.full((input_ids.shape[0],), length - 1)
+        input_mask = torch.ones(input_ids.shape, dtype=torch.bool) if ids_mask is None else ids_mask.bool()
     seeds = []
     for row in range(input_mask.shape[0]):
         if input_ids is None:

@@ -17,7 +17,9 @@ import torch
 import mmreduce
 from mmreduce.adapters import ADAPTERS, get_adapter
 from mmreduce.methods import DropStage, ReductionMethod
-from tests.support.masked_reference import dropped_from_kept, masked_forward, masked_greedy, reference_selection
+from tests.support.masked_reference import (
+    dropped_from_kept, masked_forward, masked_greedy, reference_selection, text_view,
+)
 from tests.support.vlm_factory import VLM_BUILDERS, build_vlm, select_samples
 
 LAYERS = 6
@@ -150,18 +152,20 @@ def test_matches_masked_reference(vlm, method):
                                   return_dict_in_generate=True)
         uncached = reduced.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
                                     return_dict_in_generate=True, use_cache=False)
+    # The prompt as the text model sees it (longer than input_ids where placeholders are expanded before the LLM).
+    input_mask, vision = text_view(model, batch, vision_ids(model))
     if ranks_by_attention(reduction):
         # An independent selection from the eager attention weights the model returns.
-        dropped_from, reference_kept = reference_selection(model, batch, reference_stages(reduction), vision_ids(model))
+        dropped_from, reference_kept = reference_selection(model, batch, reference_stages(reduction), vision)
         assert kept == reference_kept, "selection differs from the eager-attention reference"
     else:
         # A method with its own score (e.g. seeded random): check the computation on the engine's selection.
-        dropped_from = dropped_from_kept(batch, kept, vision_ids(model))
+        dropped_from = dropped_from_kept(batch, kept, vision)
     assert kept, "the method dropped nothing: the comparison would be vacuous"
 
     reference_logits, _ = masked_forward(model, batch, dropped_from)
     final_dropped = dropped_from[max(dropped_from)]
-    compared = batch["attention_mask"].bool() & ~final_dropped  # positions that reach the last layer
+    compared = input_mask & ~final_dropped  # positions that reach the last layer
     assert torch.allclose(logits[compared], reference_logits[compared], atol=1e-5, rtol=0)
 
     reference_tokens, reference_steps = masked_greedy(model, batch, dropped_from, steps)
@@ -183,7 +187,7 @@ def test_padded_batch_equals_each_sample_alone(vlm, method):
     with torch.no_grad(), mmreduce.wrap(model, reduction) as reduced:
         batched = reduced.generate(**batch, max_new_tokens=4, do_sample=False)
         batched_kept = reduced.stats.kept_positions
-        pad = (~batch["attention_mask"].bool()).sum(dim=1)
+        pad = (~text_view(model, batch, vision_ids(model))[0]).sum(dim=1)  # padding the text model sees
         for row in range(batch["input_ids"].shape[0]):
             alone = reduced.generate(**select_samples(batch, row), max_new_tokens=4, do_sample=False)
             assert torch.equal(alone[0, -4:], batched[row, -4:]), f"sample {row} differs alone vs in the batch"

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["dropped_from_kept", "masked_forward", "masked_greedy", "reference_selection", "vision_positions"]
+__all__ = ["dropped_from_kept", "masked_forward", "masked_greedy", "reference_selection", "text_view",
+           "vision_positions"]
 
 # Inputs with one entry per prompt token besides input_ids / attention_mask: Qwen2-VL's modality of each token
 # (0 text, 1 image, 2 video); a generated token is text (0), as `generate()` extends them.
@@ -35,9 +36,37 @@ def _layers(model):
 
 def vision_positions(inputs: dict, vision_ids) -> torch.Tensor:
     """(B, T) bool: real (non-padding) prompt positions holding one of `vision_ids` (an id or a collection of ids,
-    e.g. Qwen2-VL's image and video pads)."""
+    e.g. Qwen2-VL's image and video pads); a (B, T) bool tensor is taken as those positions (see `text_view`)."""
+    if isinstance(vision_ids, torch.Tensor) and vision_ids.dtype == torch.bool:
+        return vision_ids
     ids = torch.tensor([vision_ids] if isinstance(vision_ids, int) else sorted(vision_ids))
     return torch.isin(inputs["input_ids"], ids) & inputs["attention_mask"].bool()
+
+
+def text_view(model, inputs: dict, vision_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt as the text model sees it: (B, T) bool attention mask and (B, T) bool vision positions.
+
+    The inputs' own mask and `vision_positions(inputs, vision_ids)`, unless the family's adapter reads the vision
+    tokens from the text model's arguments (`text_vision_mask`: DocOwl expands each image placeholder into many
+    features before its LLM, so T is longer than `input_ids`); then both come from one stock forward, as the text
+    model receives them.
+    """
+    from mmreduce.adapters import get_adapter
+
+    adapter, seen = get_adapter(model), {}
+
+    def hook(module, args, kwargs):
+        seen.update(mask=kwargs.get("attention_mask"), vision=adapter.text_vision_mask(kwargs))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    if seen.get("vision") is None:
+        return inputs["attention_mask"].bool(), vision_positions(inputs, vision_ids)
+    return seen["mask"].bool(), seen["vision"].bool() & seen["mask"].bool()
 
 
 def _additive_mask(input_mask: torch.Tensor, dropped: torch.Tensor, dtype) -> torch.Tensor:
@@ -50,13 +79,19 @@ def _additive_mask(input_mask: torch.Tensor, dropped: torch.Tensor, dtype) -> to
 
 def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], capture_layer: int | None = None):
     """Full-length forward; `dropped_from[l]` (B, T) bool = keys masked in layers >= l (cumulative by the caller).
+    T and the padding are those of the 2-D mask the text model receives (longer than `input_ids` where the family
+    expands its image placeholders before the LLM).
 
     Returns (logits (B, T, V), attention weights (B, H, T, T) of `capture_layer` or None).
     """
-    captured = {}
+    captured = {"input_mask": inputs["attention_mask"]}
     handles = []
-    input_mask = inputs["attention_mask"]
     starts = sorted(dropped_from)
+
+    def text_hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            captured["input_mask"] = mask
 
     def pre_hook(layer_idx):
         def hook(module, args, kwargs):
@@ -64,7 +99,7 @@ def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], c
             if not active:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs["attention_mask"] = _additive_mask(input_mask, dropped_from[active[-1]], hidden.dtype)
+            kwargs["attention_mask"] = _additive_mask(captured["input_mask"], dropped_from[active[-1]], hidden.dtype)
             return args, kwargs
 
         return hook
@@ -72,6 +107,7 @@ def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], c
     def attn_hook(module, args, output):
         captured["weights"] = output[1]
 
+    handles.append(model.model.language_model.register_forward_pre_hook(text_hook, with_kwargs=True))
     for layer_idx, layer in enumerate(_layers(model)):
         handles.append(layer.register_forward_pre_hook(pre_hook(layer_idx), with_kwargs=True))
     if capture_layer is not None:
@@ -151,8 +187,8 @@ def masked_greedy(model, inputs: dict, dropped_from: dict[int, torch.Tensor], st
         suppress = model.generation_config.suppress_tokens or ()
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     tokens, step_logits = [], []
-    for _ in range(steps):
-        grown = {layer: torch.cat([d, torch.zeros(d.shape[0], ids.shape[1] - d.shape[1], dtype=torch.bool)], 1)
+    for step in range(steps):
+        grown = {layer: torch.cat([d, torch.zeros(d.shape[0], step, dtype=torch.bool)], 1)
                  for layer, d in dropped_from.items()}
         logits, _ = masked_forward(model, {"input_ids": ids, "attention_mask": mask, **extra}, grown)
         last = logits[:, -1, :]
