@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ImageGrid, ModelAdapter, TokenCell
+from .docowl import DocOwlAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
@@ -24,6 +25,7 @@ def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return adapter_cls
 
 
+register_adapter(DocOwlAdapter)
 register_adapter(InternVLAdapter)
 register_adapter(LlavaAdapter)
 register_adapter(Qwen2VLAdapter)

@@ -1,0 +1,135 @@
+"""mPLUG-DocOwl 1.5 (model type `mplug_docowl`), as the stand-in in `mmreduce.eval.docowl` lays it out.
+
+DocOwl expands each `<|image|>` placeholder (one per crop: the global image first, then the crops row by row) into
+that crop's 257 H-Reducer features *inside* the model, before the LLM; so the text model sees a longer prompt than
+`input_ids`, and its vision positions come from the `modality_indicators` (B, T') it receives (1 on vision features,
+the `vit_eos` token included; 0 on text), not from placeholder ids. The decoder is modality-adaptive: each layer's
+input and post-attention norms and its k and v projections have a text branch and a vision branch
+(`MultiwayNetwork`, `.multiway[i]`) chosen per token by that indicator, so the indicators travel with the tokens at
+every drop (`per_token_layer_kwargs`) and the scoring probe routes the norm and k projection per token.
+
+Verified on the stand-in (tests/core/test_docowl.py and the invariant matrix of tests/core/test_invariants.py): the
+vision mask is the 1s of `modality_indicators` (every crop's features, eos included, in placeholder order); the
+probe equals the eager attention weights of a modality-adaptive layer whose text and vision branches differ (and
+does not without the routing); invariants 1-3 of ARCHITECTURE §4 for every method under eager and sdpa, on a
+left-padded batch of pages of 3, 2 and 5 crops: keep-all bit-identical, equal to a full-length masked eager reference
+at prefill and at each decode step with and without a cache, each sample alone equal to the batch, beam search; and
+a run at DocOwl 1.5's real widths (one ViT layer, two LLM layers: 1285 vision tokens for a 2x2 page).
+
+Not verified, because real DocOwl 1.5 weights and code do not run on this transformers (its code needs 4.31 and
+replaces transformers' Llama classes on import; mmreduce never loads remote code):
+- module names: real DocOwl holds the LLM in the multimodal module itself (`model.model.layers`, `.embed_tokens`,
+  `.norm`, with `.vision_model` and `.vision2text` beside them) and expands in the top model's `forward`; the stand-in
+  (and this adapter) follows transformers 5's `model.model.language_model` layout. A port of real weights must rename
+  `model.{layers,embed_tokens,norm}` to `model.language_model.*`; the names inside a layer are the same.
+- branch routing: that branch 0 is text and 1 vision (as DocOwl's indicators read), that every vision feature,
+  `vit_eos` included, is 1, and that decode steps are all 0, are the stand-in's reading of the public code.
+- the eos token: whether real DocOwl's `vit_eos` should count as a vision token a method may drop (here it does,
+  because its indicator is 1).
+- batching: real DocOwl pads expanded rows of different lengths on the right and rebuilds an all-ones mask at each
+  decode step (it was run one prompt at a time); the stand-in left-pads the expanded prompt and continues its mask.
+- `token_layout` (pixel overlays) is not implemented: an H-Reducer token covers 1 x 4 patches, which `ImageGrid`
+  (square panels of `side` x `side` tokens) cannot describe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmreduce.probe import apply_rotary, last_query_attention
+
+from .base import ModelAdapter
+
+__all__ = ["DocOwlAdapter"]
+
+
+class DocOwlAdapter(ModelAdapter):
+    model_types = ("mplug_docowl",)
+    per_token_layer_kwargs = ("modality_indicators",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in self.model_types:
+            raise TypeError(
+                f"DocOwlAdapter serves model type 'mplug_docowl', but {type(model).__name__} is {model_type!r}; let "
+                "wrap() choose the adapter from config.model_type, or pass one written for this family"
+            )
+        inner = model if hasattr(model, "language_model") else getattr(model, "model", None)
+        if inner is None or not hasattr(getattr(inner, "language_model", None), "layers"):
+            raise TypeError(
+                f"{type(model).__name__} has no `.language_model.layers` nor `.model.language_model.layers`; "
+                "DocOwlAdapter expects the stand-in's DocOwlForConditionalGeneration or its inner DocOwlModel"
+            )
+        self._inner = inner
+
+    @classmethod
+    def model_class(cls, config) -> type[nn.Module]:
+        from mmreduce.eval.docowl import DocOwlConfig, DocOwlForConditionalGeneration
+
+        if isinstance(config, DocOwlConfig):
+            return DocOwlForConditionalGeneration
+        raise ValueError(
+            f"{type(config).__name__} is not the stand-in's DocOwlConfig: real mPLUG-DocOwl 1.5 checkpoints need their "
+            "own code (written for transformers 4.31), which mmreduce never loads; load such a model yourself, "
+            "deliberately, and pass it to mmreduce.wrap"
+        )
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self._inner
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self._inner.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        return getattr(self._inner, "vision_model", None)
+
+    def vision_token_ids(self) -> tuple[int, ...]:
+        """The `<|image|>` placeholder id (one per crop, expanded before the LLM; -200 in DocOwl)."""
+        return (int(self.model.config.image_token_id),)
+
+    def count_vision_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) vision tokens the LLM will see: placeholders x tokens per crop (257 at 448 px)."""
+        return super().count_vision_tokens(input_ids) * self.model.config.tokens_per_crop
+
+    def vision_mask(self, input_ids=None, inputs_embeds=None):
+        """Placeholder positions in `input_ids`; None without ids (the placeholder id has no embedding). The engine
+        takes the vision tokens from `text_vision_mask` anyway."""
+        return super().vision_mask(input_ids=input_ids) if input_ids is not None else None
+
+    def text_vision_mask(self, text_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """`modality_indicators == 1` of the text model's arguments (B, T'); None when it got none."""
+        indicators = text_kwargs.get("modality_indicators")
+        return None if indicators is None else indicators == 1
+
+    def attention_probe(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        query_index: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_valid: torch.Tensor,
+        layer_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The default Llama probe with modality routing: every token's input norm and k projection go through
+        its own branch (the query's norm through the query's branch; `q_proj` is shared)."""
+        indicators = (layer_kwargs or {}).get("modality_indicators")
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        batch, seq, _ = hidden.shape
+        if indicators is not None:
+            indicators = indicators.expand(batch, seq)
+        rows = torch.arange(batch, device=hidden.device)
+        normed = layer.input_layernorm(hidden, indicators)  # (B, T, D)
+        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, head_dim)  # (B, H, hd)
+        key = attn.k_proj(normed, indicators).view(batch, seq, -1, head_dim)  # (B, T, Hkv, hd)
+        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # (B, T, hd)
+        query = apply_rotary(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
+        key = apply_rotary(key.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, T, hd)
+        return last_query_attention(query, key, attn.scaling, key_valid, query_index)
