@@ -1,10 +1,10 @@
-"""Tiny LLaVA-1.5 / LLaVA-NeXT models built from the stock transformers classes, with their own tokenizer.
+"""Tiny LLaVA-1.5 / LLaVA-NeXT / InternVL models built from the stock transformers classes, with their own tokenizer.
 
     from mmreduce.eval.tiny_models import load_tiny, prompt_for
     model, processor = load_tiny("tiny-llava-shapes")          # bundled checkpoint, offline
     inputs = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
 
-Two recipes are registered in `TINY_MODELS`:
+Three recipes are registered in `TINY_MODELS`:
 
 - `tiny-llava-shapes`: `LlavaForConditionalGeneration`, CLIP tower on 128 px images with 8 px patches
   (16 x 16 = 256 vision tokens, CLS dropped) + an 8-layer Llama; trained on `shapes`. (576 tokens would
@@ -12,10 +12,15 @@ Two recipes are registered in `TINY_MODELS`:
 - `tiny-llava-next-docs`: `LlavaNextForConditionalGeneration` (anyres): 64 px crops with 16 px patches
   (16 tokens per crop), pinpoints 128x128 / 192x128 / 128x192, plus the base image and one newline token per
   row (a 128 px page: 16 base + 64 grid + 8 newlines = 88 vision tokens); trained on `docs`.
+- `tiny-internvl-docs`: `InternVLForConditionalGeneration`: 64 px tiles (GotOcr2 `crop_to_patches`, at most 4,
+  plus a thumbnail of the whole page when there is more than one) through an InternViT-style tower with 8 px
+  patches, pixel shuffle 0.5 (16 tokens per tile, each from a 16 px square) and a Qwen2 text model (a 128 px page:
+  4 tiles + thumbnail = 80 vision tokens between `<img>` and `</img>`); trained on `docs`.
 
 The tokenizer is a `tokenizers` WordLevel model over a closed vocabulary (question and answer words of all the
 benchmarks, the prompt words, and the special tokens `<pad> <s> </s> <unk> <image>`), wrapped in
-`PreTrainedTokenizerFast`, left padding. Answers are single words, so greedy decoding gives `answer </s>`.
+`PreTrainedTokenizerFast`, left padding (InternVL's adds `<img> </img> <video>` after the words; `<image>` is its
+context token). Answers are single words, so greedy decoding gives `answer </s>`.
 Each checkpoint's processor carries its chat template, which fixes where the images go (the shipped ones put the
 question first); `prompt_for` builds prompts from it.
 """
@@ -33,6 +38,12 @@ from mmreduce.adapters import model_class_for
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -42,11 +53,13 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 __all__ = [
     "CHECKPOINT_DIR",
     "DOCS_VOCABULARY",
+    "INTERNVL_TOKENS",
     "PROMPT",
     "PROMPT_QUESTION_FIRST",
     "SPECIAL_TOKENS",
@@ -98,20 +111,27 @@ VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(_WORDS.split()))
 # Words added after `tiny-llava-shapes` was trained go last, so the shapes vocabulary (and its token ids and
 # initialisation) stays a prefix and the shipped checkpoint stays reproducible.
 DOCS_VOCABULARY: tuple[str, ...] = (*VOCABULARY, "in", "box", "with")
+#: InternVL's image start / end and video tokens, special tokens after the words (so the other recipes' ids stay as
+#: they are). `<image>` is InternVL's context token: the processor turns each one in a prompt into
+#: `<img>` + `<image>` x (16 x tiles) + `</img>`.
+INTERNVL_TOKENS: tuple[str, ...] = ("<img>", "</img>", "<video>")
+#: InternVL's pixel shuffle: every 2 x 2 block of patches becomes one token.
+INTERNVL_DOWNSAMPLE = 0.5
 
 
 @dataclass
 class TinyVLMConfig:
     """Recipe of one tiny VLM.
 
-    - arch: "llava" (LLaVA-1.5) or "llava_next" (anyres).
+    - arch: "llava" (LLaVA-1.5), "llava_next" (anyres) or "internvl" (tiles + thumbnail, pixel shuffle, Qwen2).
     - benchmark: the benchmark it is trained on; benchmark_options: its generator options.
-    - image_size, patch_size: CLIP input side and patch side (per crop for llava_next).
+    - image_size, patch_size: vision input side and patch side (per crop for llava_next, per tile for internvl).
     - words: the tokenizer's closed vocabulary (after the special tokens).
     - vision_*: CLIP tower width / depth / heads; text_*: Llama width / depth / heads / kv heads / MLP width.
     - grid_pinpoints: anyres resolutions as [height, width] (llava_next only).
     - question_first: the prompt puts the question before the images (`PROMPT_QUESTION_FIRST`), so the image
       tokens can condition on it; otherwise LLaVA-1.5's order (images first).
+    - max_tiles: most tiles per image (internvl only; a thumbnail is added when there is more than one).
     """
 
     name: str
@@ -131,10 +151,11 @@ class TinyVLMConfig:
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     words: tuple[str, ...] = VOCABULARY
     question_first: bool = False
+    max_tiles: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llava", "llava_next"):
-            raise ValueError(f"arch must be 'llava' or 'llava_next', got {self.arch!r}")
+        if self.arch not in ("llava", "llava_next", "internvl"):
+            raise ValueError(f"arch must be 'llava', 'llava_next' or 'internvl', got {self.arch!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size!r} must be a multiple of patch_size={self.patch_size!r}")
         for name in ("vision_hidden", "text_hidden"):
@@ -148,11 +169,22 @@ class TinyVLMConfig:
                              f"vision_layers={self.vision_layers!r}")
         if self.arch == "llava_next" and not self.grid_pinpoints:
             raise ValueError("grid_pinpoints must be given for arch='llava_next'")
+        if self.arch == "internvl" and (self.max_tiles < 1 or (self.image_size // self.patch_size) % 2):
+            raise ValueError(f"arch='internvl' needs max_tiles >= 1 and an even number of patches per side (pixel "
+                             f"shuffle), got max_tiles={self.max_tiles!r}, image_size / patch_size = "
+                             f"{self.image_size // self.patch_size}")
 
     @property
     def tokens_per_image(self) -> int:
-        """Vision tokens per image (per crop for llava_next): (image_size / patch_size)^2, CLS dropped."""
-        return (self.image_size // self.patch_size) ** 2
+        """Vision tokens per image (per crop for llava_next, per tile for internvl): (image_size / patch_size)^2,
+        CLS dropped; for internvl a quarter of it (pixel shuffle)."""
+        side = self.image_size // self.patch_size
+        return (side // 2) ** 2 if self.arch == "internvl" else side ** 2
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens after the words (`build_tokenizer`'s `extra`)."""
+        return INTERNVL_TOKENS if self.arch == "internvl" else ()
 
 
 TINY_MODELS: dict[str, TinyVLMConfig] = {
@@ -162,6 +194,10 @@ TINY_MODELS: dict[str, TinyVLMConfig] = {
     "tiny-llava-next-docs": TinyVLMConfig(
         name="tiny-llava-next-docs", arch="llava_next", benchmark="docs", image_size=64, patch_size=16,
         grid_pinpoints=((128, 128), (192, 128), (128, 192)),
+        benchmark_options=dict(page_sizes=((128, 128),)), words=DOCS_VOCABULARY,
+    ),
+    "tiny-internvl-docs": TinyVLMConfig(
+        name="tiny-internvl-docs", arch="internvl", benchmark="docs", image_size=64, patch_size=8, max_tiles=4,
         benchmark_options=dict(page_sizes=((128, 128),)), words=DOCS_VOCABULARY,
     ),
 }
@@ -188,23 +224,41 @@ def prompt_for(processor, question: str, num_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def build_tokenizer(words: tuple[str, ...] = VOCABULARY) -> PreTrainedTokenizerFast:
-    """WordLevel tokenizer over `SPECIAL_TOKENS + words`; prepends `<s>`; left padding."""
-    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, *words]))}
+def build_tokenizer(words: tuple[str, ...] = VOCABULARY, extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer over `SPECIAL_TOKENS + words` (+ the special tokens `extra` last); prepends `<s>`; left
+    padding. With `extra = INTERNVL_TOKENS` it names them as InternVL's processor reads them (`<image>` is the
+    context token)."""
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, *words, *extra]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs: "USER:" -> "USER", ":"
-    backend.add_special_tokens(list(SPECIAL_TOKENS))  # matched before pre-tokenization, so "<image>" stays whole
+    backend.add_special_tokens([*SPECIAL_TOKENS, *extra])  # matched before pre-tokenization: "<image>" stays whole
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
+    named = {"image_token": "<image>"}
+    if extra:
+        if tuple(extra) != INTERNVL_TOKENS:
+            raise ValueError(f"extra special tokens must be {INTERNVL_TOKENS!r} (InternVL's) or none, got {extra!r}")
+        named.update(context_image_token="<image>", start_image_token="<img>", end_image_token="</img>",
+                     video_token="<video>")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=4096,
+        extra_special_tokens=named, padding_side="left", model_max_length=4096,
     )
 
 
 def build_processor(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast | None = None):
-    """`LlavaProcessor` (CLIP image processor) or `LlavaNextProcessor` (anyres image processor)."""
+    """`LlavaProcessor` (CLIP image processor), `LlavaNextProcessor` (anyres image processor) or `InternVLProcessor`
+    (GotOcr2 image processor cropping to at most `max_tiles` tiles + a thumbnail)."""
+    chat_template = CHAT_TEMPLATE_QUESTION_FIRST if cfg.question_first else CHAT_TEMPLATE
+    if cfg.arch == "internvl":
+        tokenizer = tokenizer or build_tokenizer(cfg.words, cfg.special_tokens)
+        size = {"height": cfg.image_size, "width": cfg.image_size}
+        image_processor = GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1,
+                                                max_patches=cfg.max_tiles)
+        return InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=InternVLVideoProcessor(size=size),
+                                 image_seq_length=cfg.tokens_per_image, chat_template=chat_template)
     tokenizer = tokenizer or build_tokenizer()
     common = dict(size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size})
     if cfg.arch == "llava":
@@ -219,6 +273,8 @@ def build_processor(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast | Non
 
 
 def _model_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast):
+    if cfg.arch == "internvl":
+        return _internvl_config(cfg, tokenizer), InternVLForConditionalGeneration
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                               image_size=cfg.image_size, patch_size=cfg.patch_size)
@@ -235,10 +291,26 @@ def _model_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast):
         LlavaNextForConditionalGeneration
 
 
+def _internvl_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
+    """InternViT-style tower (CLS dropped, pixel shuffle 0.5, LayerNorm + 2-layer MLP projector) and Qwen2."""
+    vision = InternVLVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                                  num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                                  image_size=cfg.image_size, patch_size=cfg.patch_size)
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                       num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=2048,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
+                          image_seq_length=cfg.tokens_per_image, downsample_ratio=INTERNVL_DOWNSAMPLE,
+                          projector_hidden_act="gelu", vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
 def build_tiny(name_or_cfg: str | TinyVLMConfig, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised (model, processor) pair for a registered name or a `TinyVLMConfig`."""
     cfg = _recipe(name_or_cfg)
-    tokenizer = build_tokenizer(cfg.words)
+    tokenizer = build_tokenizer(cfg.words, cfg.special_tokens)
     processor = build_processor(cfg, tokenizer)
     config, model_cls = _model_config(cfg, tokenizer)
     config._attn_implementation = attn_implementation

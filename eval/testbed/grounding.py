@@ -40,8 +40,10 @@ def target_positions(sample, vision_positions: torch.Tensor, config) -> torch.Te
     vision_positions: (n_vision,) positions of the image tokens of this sample, in order.
     LLaVA-1.5: a row-major grid x grid map. LLaVA-NeXT (page equal to a pinpoint, no unpadding): the base image's
     g x g map (the page resized to one crop), then the full-resolution map row by row, each row followed by
-    one newline token.
+    one newline token. InternVL (page equal to its tile canvas): `_internvl_positions`.
     """
+    if config.model_type == "internvl":
+        return _internvl_positions(sample, vision_positions, config)
     patch, side = config.vision_config.patch_size, config.vision_config.image_size
     g = side // patch
     boxes = sample.meta["target_boxes"]
@@ -55,6 +57,29 @@ def target_positions(sample, vision_positions: torch.Tensor, config) -> torch.Te
         index += [g * g + r * (cols + 1) + c for r, c in _boxes_to_cells(boxes, patch, rows, cols)]
         if g * g + rows * (cols + 1) != vision_positions.numel():
             raise RuntimeError(f"unexpected vision token count {vision_positions.numel()} for a {width}x{height} page")
+    return vision_positions[sorted(index)] if index else vision_positions[:0]
+
+
+def _internvl_positions(sample, vision_positions: torch.Tensor, config) -> torch.Tensor:
+    """InternVL: the page's tiles row-major, then (with more than one tile) a thumbnail of the whole page resized
+    to one tile; each tile gives t x t tokens in row-major order, one per 2 x 2 patches (pixel shuffle 0.5). The
+    page must be exactly its tile canvas (`vision_positions` then holds 16 x (tiles + thumbnail) tokens)."""
+    side, patch = (v if isinstance(v, int) else v[0]  # (height, width) pairs in a saved config
+                   for v in (config.vision_config.image_size, config.vision_config.patch_size))
+    cell = int(patch / config.downsample_ratio)  # the page pixels one token sees, per side
+    t = side // cell
+    width, height = sample.image.size
+    cols, rows = width // side, height // side
+    tiles = cols * rows + (cols * rows > 1)
+    if (cols * side, rows * side) != (width, height) or tiles * t * t != vision_positions.numel():
+        raise RuntimeError(f"unexpected vision token count {vision_positions.numel()} for a {width}x{height} page")
+    boxes = sample.meta["target_boxes"]
+    index = [((r // t) * cols + c // t) * t * t + (r % t) * t + c % t
+             for r, c in _boxes_to_cells(boxes, cell, rows * t, cols * t)]
+    if tiles > 1:  # the thumbnail: the boxes scaled to one tile
+        scaled = [(x0 * side // width, y0 * side // height, x1 * side // width, y1 * side // height)
+                  for x0, y0, x1, y1 in boxes]
+        index += [cols * rows * t * t + r * t + c for r, c in _boxes_to_cells(scaled, cell, t, t)]
     return vision_positions[sorted(index)] if index else vision_positions[:0]
 
 

@@ -192,7 +192,8 @@ def _model(cfg: TrainConfig) -> tuple[TinyVLMConfig, torch.nn.Module, object]:
             raise ValueError(f"init_from={cfg.init_from!r} was trained with the other prompt order "
                              f"(question_first={not cfg.question_first})")
         if type(model).__name__ != {"llava": "LlavaForConditionalGeneration",
-                                    "llava_next": "LlavaNextForConditionalGeneration"}[recipe.arch]:
+                                    "llava_next": "LlavaNextForConditionalGeneration",
+                                    "internvl": "InternVLForConditionalGeneration"}[recipe.arch]:
             raise ValueError(f"init_from={cfg.init_from!r} holds a {type(model).__name__}, not a {cfg.model}")
     return recipe, model, processor
 
@@ -219,7 +220,8 @@ def _make_heads(cfg: TrainConfig, recipe: TinyVLMConfig, model) -> tuple[_Heads,
     patch = torch.nn.Linear(width, n_classes)
     # Value heads: the same per-patch targets read from each grounded layer's value vectors, so that what the
     # answer position's attention fetches from an object's token says what the object is (training only).
-    value_width = text.num_key_value_heads * text.head_dim
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads  # Qwen2: no field
+    value_width = text.num_key_value_heads * head_dim
     value = torch.nn.ModuleList([torch.nn.Linear(value_width, n_classes) for _ in cfg.grounding_layers]
                                 if cfg.value_aux_weight else [])
     # Question head: which words the first question holds, read off the answer position at the input of decoder
@@ -262,7 +264,7 @@ def _vision_warmup(cfg: TrainConfig, recipe: TinyVLMConfig, model, processor, he
                                  start=VISION_DATA_START + step * cfg.vision_batch_size, **options)
         inputs = processor.image_processor([s.image for s in samples], return_tensors="pt")
         sizes = inputs.get("image_sizes")
-        if recipe.arch == "llava":
+        if recipe.arch in ("llava", "internvl"):  # internvl: every image's tiles, concatenated
             model.model.get_image_features(pixel_values=inputs["pixel_values"])
         else:
             model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes)

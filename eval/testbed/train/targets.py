@@ -3,7 +3,7 @@ classes a question names.
 
 Per-patch ids pack two label planes in one integer (`class_layout`): (colour, shape) as colour * 8 + shape on
 `shapes` and (mark colour, digit) as colour * 16 + digit on `docs`; 0 is background, -100 marks a token with no
-target (the LLaVA-NeXT base view and row newlines).
+target (the LLaVA-NeXT base view and row newlines, the InternVL thumbnail).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "class_layout",
     "colour_word_roles",
     "draw_label_map",
+    "internvl_tile_grid",
     "named_classes",
     "names_a_reference",
     "other_object_positions",
@@ -87,17 +88,51 @@ def _planes(label_map: np.ndarray, base: int, patch: int) -> np.ndarray:
     return high * base + low
 
 
+def internvl_tile_grid(size: tuple[int, int], recipe: TinyVLMConfig) -> tuple[int, int]:
+    """(columns, rows) of the tiles InternVL's image processor cuts a `size` = (width, height) page into; the page
+    must be exactly that canvas (tiles of `recipe.image_size`), so that no tile is resampled."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    width, height = size
+    side = recipe.image_size
+    cols, rows = get_optimal_tiled_canvas((height, width), (side, side), 1, recipe.max_tiles)
+    if (cols * side, rows * side) != (width, height):
+        raise RuntimeError(f"the image processor resizes a {width}x{height} page to {cols * side}x{rows * side}; "
+                           f"pages must be a {side} px tile canvas of at most {recipe.max_tiles} tiles")
+    return cols, rows
+
+
+def _internvl_tiles(sample, recipe: TinyVLMConfig) -> list[np.ndarray]:
+    """Per tile, in the processor's order (the crops row-major, then the thumbnail when there is more than one
+    crop), its tokens' packed ids in pixel-shuffle order ((per * per,) each, per = tokens per tile side).
+
+    A token is one 2 x 2 block of patches (pixel shuffle 0.5), row-major within its tile, so it sees a
+    2 * patch_size square of the page. The thumbnail is a down-scaled view: -100.
+    """
+    cols, rows = internvl_tile_grid(sample.image.size, recipe)
+    cell, per = 2 * recipe.patch_size, recipe.image_size // (2 * recipe.patch_size)
+    grid = _planes(draw_label_map(sample, sample.image.size), 16, cell)  # (H / cell, W / cell)
+    tiles = [grid[r * per:(r + 1) * per, c * per:(c + 1) * per].reshape(-1) for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(np.full(per * per, -100))
+    return tiles
+
+
 def aux_targets(samples, recipe: TinyVLMConfig, image_sizes) -> torch.Tensor:
     """Per-vision-token targets in the projector's output order; -100 where there is no target.
 
     llava: (B, N) for N = (image_size / patch)^2. llava_next: (sum of crops, n) with the base image first
-    per sample (ignored: it is a down-scaled view) and then the grid crops in row-major order.
+    per sample (ignored: it is a down-scaled view) and then the grid crops in row-major order. internvl: (sum of
+    tiles, n) with the crops row-major and then the thumbnail (ignored) per sample (`_internvl_tiles`).
     """
     p, side = recipe.patch_size, recipe.image_size
     rows = []
     for k, s in enumerate(samples):
         if recipe.arch == "llava":
             rows.append(patch_labels(draw_label_map(s, (side, side)), p, min_pixels=6).reshape(-1))
+            continue
+        if recipe.arch == "internvl":
+            rows += _internvl_tiles(s, recipe)
             continue
         width, height = s.image.size
         grid = _planes(draw_label_map(s, (width, height)), 16, p)  # (H/p, W/p)
@@ -117,12 +152,16 @@ def sequence_targets(samples, recipe: TinyVLMConfig) -> list[torch.Tensor]:
 
     llava: the grid in row-major order. llava_next (page equal to a pinpoint, no unpadding): the base view
     (-100, a down-scaled copy), then the full-resolution grid row by row, each row followed by its newline (-100).
+    internvl: tile after tile as `aux_targets` has them (the thumbnail last, -100).
     """
     p, side = recipe.patch_size, recipe.image_size
     out = []
     for s in samples:
         if recipe.arch == "llava":
             out.append(torch.from_numpy(patch_labels(draw_label_map(s, (side, side)), p, min_pixels=6).reshape(-1)))
+            continue
+        if recipe.arch == "internvl":
+            out.append(torch.from_numpy(np.concatenate(_internvl_tiles(s, recipe))))
             continue
         width, height = s.image.size
         grid = _planes(draw_label_map(s, (width, height)), 16, p)  # (H/p, W/p)
