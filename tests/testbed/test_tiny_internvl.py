@@ -1,5 +1,6 @@
 """The InternVL tiny recipe (`tiny-internvl-docs`): tokenizer and processor, where each vision token looks on the
-page (the per-token targets, the grounding positions), and a short training run that saves a loadable checkpoint."""
+page (the per-token targets, the grounding positions), a short training run that saves a loadable checkpoint, and
+the shipped checkpoint."""
 
 from __future__ import annotations
 
@@ -162,3 +163,19 @@ def test_one_step_question_first_run_saves_a_loadable_internvl_checkpoint(tmp_pa
     assert type(model).__name__ == "InternVLForConditionalGeneration"
     assert type(processor).__name__ == "InternVLProcessor" and processor.image_processor.max_patches == 4
     assert prompt_for(processor, "what digit is in the red box ?").startswith("USER: what digit is in the red box ?")
+
+
+def test_shipped_checkpoint_is_small_loads_offline_and_answers_from_the_choices(monkeypatch):
+    from mmreduce.eval.accuracy import evaluate
+    from mmreduce.eval.tiny_models import CHECKPOINT_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    path = CHECKPOINT_DIR / NAME
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 15 * 2**20
+    model, processor = load_tiny(NAME)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert next(model.parameters()).dtype == torch.float32 and model.config.text_config.num_hidden_layers == 8
+    samples = load_benchmark("docs", "test", 8, seed=0, **RECIPE.benchmark_options)
+    _, predictions = evaluate(model, processor, samples, batch_size=8)
+    assert all(p in s.choices for p, s in zip(predictions, samples)), predictions
