@@ -34,7 +34,7 @@ def add_subparser(subparsers) -> None:
                     "'+'), e.g. pdrop:layers=2+4+6,keep_ratio=0.5; 'baseline' is the unreduced model; "
                     "equivalent=F fits keep_ratio so that F of the vision tokens remain on average over layers.")
     parser.add_argument("--model", default="tiny-llava-shapes",
-                        help="bundled tiny model name, or a folder holding a saved LLaVA / LLaVA-NeXT and its processor")
+                        help="bundled tiny model name, or a folder holding a saved VLM of a supported family and its processor")
     parser.add_argument("--dataset", default="shapes",
                         help="benchmark name (shapes, docs, video) or a dataset file (.jsonl, see README)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_SPECS, metavar="SPEC")
