@@ -14,18 +14,25 @@ from torch import nn
 
 from mmreduce.probe import apply_rotary, last_query_attention
 
-__all__ = ["NEWLINE", "ImageGrid", "ModelAdapter", "TokenCell"]
+__all__ = ["END_OF_PANEL", "NEWLINE", "ImageGrid", "ModelAdapter", "Panel", "PatchPacking", "TokenCell"]
 
-#: `TokenCell.panel` of a newline token (LLaVA-NeXT ends every feature row with one).
+#: `TokenCell.panel` of a newline token (LLaVA-NeXT ends every feature row with one); its `row` is that feature row.
 NEWLINE = -1
+#: `TokenCell.panel` of a token that closes a panel and covers no pixels (DocOwl's `vit_eos` after each crop); its
+#: `row` is the panel it closes.
+END_OF_PANEL = -2
 
 
 @dataclass(frozen=True)
 class TokenCell:
-    """Where one vision token of a prompt comes from: patch (row, col) of panel `panel` of image `image`.
+    """Where one vision token of a prompt comes from: token-grid cell (row, col) of panel `panel` of image `image`.
 
-    Panels: 0 is the whole image (LLaVA-1.5's image, LLaVA-NeXT's base image, a global image or thumbnail),
-    k >= 1 is crop or tile k (row-major); a newline token has panel NEWLINE and `row` = the feature row it ends.
+    `image` counts the prompt's images and videos in prompt order. Panels: for an image, 0 is the whole image
+    (LLaVA-1.5's image, LLaVA-NeXT's base image, a global image or thumbnail) and k >= 1 is crop or tile k
+    (row-major); for a video laid out in frames (`ImageGrid.frames` > 0), panel k is temporal slice k. (row, col)
+    index the panel's token grid (`Panel.rows` x `Panel.cols`), which need not be square nor match its pixel patches
+    one to one. Tokens that cover no pixels have a negative panel: NEWLINE (`row` = the feature row it ends) and
+    END_OF_PANEL (`row` = the panel it closes); their `col` is -1.
     """
 
     image: int
@@ -35,12 +42,75 @@ class TokenCell:
 
 
 @dataclass(frozen=True)
+class PatchPacking:
+    """Pixels stored as flattened patches (Qwen2-VL): rows `start` .. `start + t*h*w` of the processor output, each
+    row (channels, temporal_patch, patch, patch) of one patch, rows ordered (t, h/merge, w/merge, merge, merge) over
+    the patch grid `grid` = (t, h, w); the panel is frame 0 of temporal slice `frame`."""
+
+    start: int
+    grid: tuple[int, int, int]
+    patch: int
+    merge: int
+    temporal_patch: int
+    frame: int = 0
+
+    def unpack(self, flat: torch.Tensor) -> torch.Tensor:
+        """(3, h*patch, w*patch) picture of slice `frame` from the whole flattened tensor."""
+        t, h, w = self.grid
+        m, p, tp = self.merge, self.patch, self.temporal_patch
+        rows = flat[self.start:self.start + t * h * w]
+        channels = rows.shape[1] // (tp * p * p)
+        x = rows.reshape(t, h // m, w // m, m, m, channels, tp, p, p)
+        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t, tp, channels, h * p, w * p)
+        return x[self.frame, 0]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of an image: a `rows` x `cols` token grid laid evenly over a picture, and where that picture is in
+    the processor outputs: `inputs[key][index]` (a (3, H, W) normalised picture), or, with `patches`, flattened
+    patches of `inputs[key]` to unpack."""
+
+    rows: int
+    cols: int
+    key: str = "pixel_values"
+    index: tuple[int, ...] = ()
+    patches: PatchPacking | None = None
+
+    def pixels(self, inputs: dict) -> torch.Tensor:
+        """(3, H, W) the panel's picture as the processor wrote it (normalised)."""
+        if self.key not in inputs:
+            raise ValueError(f"the inputs have no {self.key!r}; the panel's pixels are there")
+        source = inputs[self.key]
+        if self.patches is not None:
+            return self.patches.unpack(source)
+        return source[self.index]
+
+
+@dataclass(frozen=True)
 class ImageGrid:
-    """The panels of one image: `crops` (rows, cols) of crops or tiles, (0, 0) for a single panel, and `side`
-    patches per panel side."""
+    """The panels of one image (or video): `crops` (rows, cols) of crops or tiles, (0, 0) for a single panel; `side`
+    token rows (= cols) per panel when the panels are square and alike, else 0; `panels` in panel order (panel 0
+    first); `frames` > 0 for a video laid out as that many temporal slices (panels 0 .. frames - 1, `crops` (0, 0)).
+
+    Without `panels` (square panels of `side` x `side` tokens), image i's panel k is `pixel_values[i]` when the grid
+    has one panel and `pixel_values[i, k]` when it has crops (base image and crops stacked per image): see
+    `panel_list`.
+    """
 
     crops: tuple[int, int]
     side: int
+    panels: tuple[Panel, ...] = ()
+    frames: int = 0
+
+    def panel_list(self, image: int) -> tuple[Panel, ...]:
+        """The panels of this grid, image `image` of the prompt (the default packing when `panels` is empty)."""
+        if self.panels:
+            return self.panels
+        rows, cols = self.crops
+        if rows == 0:
+            return (Panel(self.side, self.side, index=(image,)),)
+        return tuple(Panel(self.side, self.side, index=(image, k)) for k in range(1 + rows * cols))
 
 
 class ModelAdapter:
@@ -114,8 +184,9 @@ class ModelAdapter:
         return None
 
     def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
-        """Every vision token of a one-prompt `inputs` (processor outputs) in `input_ids` order, and each image's
-        panel grid: what methods, stats and the demo's overlays use to map tokens to pixels."""
+        """Every vision token of a one-prompt `inputs` (processor outputs) in `input_ids` order (for a family that
+        expands placeholders before the text model, in the text model's order), and each image's panel grid: what
+        methods, stats and the demo's overlays use to map tokens to pixels. One cell per vision token."""
         raise NotImplementedError(f"{type(self).__name__} has no token layout for "
                                   f"{getattr(self.model.config, 'model_type', '?')}")
 

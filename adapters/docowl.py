@@ -28,8 +28,14 @@ replaces transformers' Llama classes on import; mmreduce never loads remote code
   because its indicator is 1).
 - batching: real DocOwl pads expanded rows of different lengths on the right and rebuilds an all-ones mask at each
   decode step (it was run one prompt at a time); the stand-in left-pads the expanded prompt and continues its mask.
-- `token_layout` (pixel overlays) is not implemented: an H-Reducer token covers 1 x 4 patches, which `ImageGrid`
-  (square panels of `side` x `side` tokens) cannot describe.
+
+Token layout (`token_layout`), in the text model's order (the expanded prompt's vision positions, the 1s of
+`modality_indicators`, not `input_ids`: a placeholder there stands for a whole crop): each page's global image
+(panel 0) then its crops (panel 1 + row * cols + col) in placeholder order, each as the H-Reducer's token grid
+(32 x 8 at 448 px with 1x4: token (r, c) covers patch row r, patches 4c .. 4c+3) row-major, then its `vit_eos`
+(panel END_OF_PANEL, `row` = the panel it closes). The crop grid comes from the processor's `patch_positions`
+((row, col) of each crop, (9, 9) for the global image), which the inputs must hold; the pixels are `pixel_values`
+rows in placeholder order. Positions to draw kept tokens with are those of the expanded prompt.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from torch import nn
 
 from mmreduce.probe import apply_rotary, last_query_attention
 
-from .base import ModelAdapter
+from .base import END_OF_PANEL, ImageGrid, ModelAdapter, Panel, TokenCell
 
 __all__ = ["DocOwlAdapter"]
 
@@ -93,6 +99,53 @@ class DocOwlAdapter(ModelAdapter):
     def vision_token_ids(self) -> tuple[int, ...]:
         """The `<|image|>` placeholder id (one per crop, expanded before the LLM; -200 in DocOwl)."""
         return (int(self.model.config.image_token_id),)
+
+    def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """Per page: the global image (panel 0), then the crops, each crop's H-Reducer grid row-major and its
+        `vit_eos` (END_OF_PANEL); in the text model's order. Needs `patch_positions` (the processor's third output)
+        with the global images (ValueError otherwise)."""
+        config = self.model.config
+        positions = inputs.get("patch_positions")
+        if positions is None:
+            raise ValueError("the DocOwl layout needs `patch_positions` (N, 2), the processor's (row, col) of each "
+                             "crop and (9, 9) of each global image; add it to the inputs")
+        positions = [tuple(int(v) for v in row) for row in torch.as_tensor(positions).view(-1, 2).tolist()]
+        placeholders = int(super().count_vision_tokens(inputs["input_ids"][:1])[0])
+        if placeholders != len(positions):
+            raise ValueError(f"the prompt holds {placeholders} image placeholders but patch_positions lists "
+                             f"{len(positions)} crops")
+        if not positions:
+            return [], []
+        glob = positions[0]
+        if glob == (0, 0):
+            raise ValueError("the DocOwl layout needs each page's global image first (add_global_img), its position "
+                             "tells pages apart")
+        vision = config.vision_config
+        rows, cols = config.hreducer_config.token_grid(vision.image_size // vision.patch_size)
+        pages = []  # per page: placeholder indices, global first
+        for index, where in enumerate(positions):
+            if where == glob:
+                pages.append([index])
+            else:
+                pages[-1].append(index)
+        cells: list[TokenCell] = []
+        grids: list[ImageGrid] = []
+        for image, members in enumerate(pages):
+            crops = [positions[i] for i in members[1:]]
+            grid_rows = 1 + max((r for r, _ in crops), default=-1)
+            grid_cols = 1 + max((c for _, c in crops), default=-1)
+            if len(crops) != grid_rows * grid_cols:
+                raise ValueError(f"page {image} has {len(crops)} crops for a {grid_rows} x {grid_cols} grid")
+            panel_of = {members[0]: 0}
+            panel_of.update({i: 1 + r * grid_cols + c for i, (r, c) in zip(members[1:], crops)})
+            for index in members:
+                panel = panel_of[index]
+                cells += [TokenCell(image, panel, r, c) for r in range(rows) for c in range(cols)]
+                cells.append(TokenCell(image, END_OF_PANEL, panel, -1))
+            by_panel = sorted((panel, index) for index, panel in panel_of.items())
+            panels = tuple(Panel(rows, cols, index=(index,)) for _, index in by_panel)
+            grids.append(ImageGrid((grid_rows, grid_cols) if crops else (0, 0), rows if rows == cols else 0, panels))
+        return cells, grids
 
     def count_vision_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,) vision tokens the LLM will see: placeholders x tokens per crop (257 at 448 px)."""

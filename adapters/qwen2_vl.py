@@ -12,13 +12,19 @@ offset by `rope_deltas`) are computed by `generate()` from the full prompt and n
 Qwen2.5-VL's text stack is the same; only its vision tower (windowed attention, no CLS token) differs, and the
 vision tower is only timed. The adapter takes the whole model or its inner `.model` (`Qwen2VLModel` /
 `Qwen2_5_VLModel`, no LM head).
+
+Token layout (`token_layout`): the images and videos of a prompt in prompt order (each run of image or video pads is
+one); an image is one panel of (h/merge) x (w/merge) tokens, row-major; a video is `frames` = t panels, one per
+temporal slice (panel k = slice k), each (h/merge) x (w/merge) row-major, slice after slice. Their pixels are
+`pixel_values` / `pixel_values_videos` rows (flattened patches, images and videos each in prompt order), unpacked
+into pictures by `PatchPacking` (the first frame of a temporal slice stands for it).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import ImageGrid, ModelAdapter, TokenCell
+from .base import ImageGrid, ModelAdapter, Panel, PatchPacking, TokenCell
 
 __all__ = ["Qwen2VLAdapter"]
 
@@ -64,11 +70,45 @@ class Qwen2VLAdapter(ModelAdapter):
         return (int(config.image_token_id), int(config.video_token_id))
 
     def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
-        raise NotImplementedError(
-            "Qwen2VLAdapter has no token layout: Qwen2-VL grids are native-resolution (h x w merged patches, t frames "
-            "for a video) and its pixel_values are flattened patches, which ImageGrid's square panels cannot describe"
-        )
-
+        """Images (one panel each) and videos (one panel per temporal slice) in prompt order, each panel's
+        (h/merge) x (w/merge) tokens row-major; from `image_grid_thw` / `video_grid_thw` and the merge size."""
+        config = self.model.config
+        vision = config.vision_config
+        merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        ids = inputs["input_ids"][0].tolist()
+        kinds = {int(config.image_token_id): ("image_grid_thw", "pixel_values"),
+                 int(config.video_token_id): ("video_grid_thw", "pixel_values_videos")}
+        runs: list[tuple[int, int]] = []  # (pad id, length) of each run of pads
+        previous = None
+        for token in ids:
+            if token in kinds:
+                if previous == token:
+                    runs[-1] = (token, runs[-1][1] + 1)
+                else:
+                    runs.append((token, 1))
+            previous = token
+        used = {token: 0 for token in kinds}  # images / videos of each kind laid out so far
+        start = {token: 0 for token in kinds}  # first patch row of the next one
+        cells: list[TokenCell] = []
+        grids: list[ImageGrid] = []
+        for image, (token, length) in enumerate(runs):
+            grid_key, pixel_key = kinds[token]
+            thw = inputs.get(grid_key)
+            if thw is None or used[token] >= len(thw):
+                raise ValueError(f"the prompt holds more runs of id {token} than {grid_key} lists")
+            t, h, w = (int(v) for v in thw[used[token]].tolist())
+            rows, cols = h // merge, w // merge
+            if t * rows * cols != length:
+                raise ValueError(f"{grid_key} {(t, h, w)} gives {t * rows * cols} tokens, the prompt has {length}")
+            video = token == int(config.video_token_id)
+            panels = tuple(Panel(rows, cols, key=pixel_key,
+                                 patches=PatchPacking(start[token], (t, h, w), patch, merge, temporal, frame))
+                           for frame in range(t))
+            cells += [TokenCell(image, frame, r, c) for frame in range(t) for r in range(rows) for c in range(cols)]
+            grids.append(ImageGrid((0, 0), rows if rows == cols else 0, panels, frames=t if video else 0))
+            used[token] += 1
+            start[token] += t * h * w
+        return cells, grids
 
 def _is_inner(module) -> bool:
     """True for a Qwen2VLModel / Qwen2_5_VLModel: a vision tower `.visual` and a decoder stack `.language_model`."""

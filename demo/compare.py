@@ -58,9 +58,18 @@ class MethodResult:
 
 
 def prepare_inputs(processor, images, question: str) -> dict:
-    """Processor outputs for one prompt holding every image (video frames count as images)."""
+    """Processor outputs for one prompt holding every image (video frames count as images).
+
+    When the image processor cuts tiles from each image's original size (`crop_to_patches`, InternVL) and does not
+    report that size, `image_sizes` (N, 2) (height, width) is added: the token layout needs it to know the tile grid
+    (the model accepts and ignores it).
+    """
     prompt = prompt_for(processor, question, num_images=len(images))
-    return dict(processor(images=list(images), text=[prompt], return_tensors="pt", padding=True))
+    inputs = dict(processor(images=list(images), text=[prompt], return_tensors="pt", padding=True))
+    image_processor = getattr(processor, "image_processor", None)
+    if "image_sizes" not in inputs and getattr(image_processor, "crop_to_patches", False):
+        inputs["image_sizes"] = torch.tensor([[image.height, image.width] for image in images], dtype=torch.long)
+    return inputs
 
 
 def vision_positions(model, inputs: dict) -> list[int]:

@@ -1,49 +1,65 @@
 """Pictures of the kept vision tokens per drop stage.
 
-Which patch of which image (and which crop) each vision token is comes from the model family's adapter
-(`ModelAdapter.token_layout`). Panels are drawn from `pixel_values`, i.e. exactly the pixels the model saw (base
-image and each crop).
+Which token-grid cell of which panel of which image each vision token is, and where each panel's pixels are in the
+processor outputs, come from the model family's adapter (`ModelAdapter.token_layout`, `ImageGrid.panel_list`).
+Panels are drawn from those pixels, i.e. exactly the pixels the model saw (base image, global image or thumbnail,
+each crop or tile, each video slice), with each panel's token grid laid evenly over it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mmreduce.adapters.base import NEWLINE, ImageGrid, TokenCell
+from mmreduce.adapters.base import END_OF_PANEL, NEWLINE, ImageGrid, Panel, TokenCell
 
 __all__ = ["NEWLINE", "TokenCell", "draw_kept_tokens"]
 
 _PANEL_MIN = 160  # panels are upscaled to at least this many pixels so that 4x4 crops stay visible
 _GAP = 6
 _DROPPED = (20, 20, 28)
+_KEPT_MARK = (46, 160, 67)
+_ABSENT_MARK = (180, 180, 180)
 
 
-def _panels(processor, inputs: dict) -> list[list[Image.Image]]:
-    """Per image, its panels as RGB pictures (normalisation undone)."""
-    pixels = inputs["pixel_values"].float()
-    if pixels.dim() == 4:
-        pixels = pixels[:, None]  # llava: one panel per image
-    image_processor = processor.image_processor
-    mean = torch.tensor(image_processor.image_mean).view(1, 1, 3, 1, 1)
-    std = torch.tensor(image_processor.image_std).view(1, 1, 3, 1, 1)
-    rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
-    return [[Image.fromarray(np.ascontiguousarray(panel)) for panel in image] for image in rgb]
+def _normalisation(processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) (3, 1, 1) the processor normalised the pixels with."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or getattr(image_processor, "image_mean", None) is None:
+        image_processor = getattr(processor, "video_processor", processor)
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
+    return mean, std
 
 
-def _shade(panel: Image.Image, side: int, scale: int, kept: set[tuple[int, int]], present: set[tuple[int, int]]):
-    """The panel upscaled, with dropped patches darkened and patches without any token hatched grey."""
+def _panels(processor, inputs: dict, grids: list[ImageGrid]) -> list[list[Image.Image]]:
+    """Per image, its panels (panel order) as RGB pictures (normalisation undone)."""
+    mean, std = _normalisation(processor)
+    pictures = []
+    for image, grid in enumerate(grids):
+        row = []
+        for panel in grid.panel_list(image):
+            pixels = panel.pixels(inputs).float().cpu()
+            rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            row.append(Image.fromarray(np.ascontiguousarray(rgb)))
+        pictures.append(row)
+    return pictures
+
+
+def _shade(panel: Image.Image, rows: int, cols: int, scale: int, kept: set[tuple[int, int]],
+           present: set[tuple[int, int]]):
+    """The panel upscaled, its `rows` x `cols` token grid laid over it: dropped cells darkened, cells without any
+    token hatched grey."""
     big = panel.resize((panel.width * scale, panel.height * scale), Image.NEAREST).convert("RGBA")
     overlay = Image.new("RGBA", big.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    step = big.width // side
-    for r in range(side):
-        for c in range(side):
-            box = (c * step, r * step, (c + 1) * step - 1, (r + 1) * step - 1)
+    step_x, step_y = big.width // cols, big.height // rows
+    for r in range(rows):
+        for c in range(cols):
+            box = (c * step_x, r * step_y, (c + 1) * step_x - 1, (r + 1) * step_y - 1)
             if (r, c) not in present:
                 draw.rectangle(box, fill=(128, 128, 128, 150))
                 draw.line((box[0], box[3], box[2], box[1]), fill=(90, 90, 90, 200))
@@ -52,43 +68,69 @@ def _shade(panel: Image.Image, side: int, scale: int, kept: set[tuple[int, int]]
     return Image.alpha_composite(big, overlay).convert("RGB")
 
 
-def _compose(image_panels, grid: ImageGrid, cells: list[TokenCell], kept: list[bool]) -> Image.Image:
+def _with_end_mark(picture: Image.Image, marker: int, state: bool | None) -> Image.Image:
+    """`picture` with a strip below it holding the mark of the token that closes the panel (kept: green, dropped:
+    dark, none: grey)."""
+    out = Image.new("RGB", (picture.width, picture.height + marker), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    fill = _ABSENT_MARK if state is None else (_KEPT_MARK if state else _DROPPED)
+    ImageDraw.Draw(out).rectangle((0, picture.height + 1, min(picture.width, 4 * marker) - 1,
+                                   picture.height + marker - 2), fill=fill)
+    return out
+
+
+def _compose(image_panels: list[Image.Image], grid: ImageGrid, cells: list[TokenCell], kept: list[bool],
+             panels: tuple[Panel, ...] | None = None) -> Image.Image:
+    """One image: panel 0 on the left and the crops in their grid beside it (newline marks right of the crops), or
+    the frames of a video side by side, or panel 0 alone; tokens that close a panel get a strip below it."""
+    panels = panels or grid.panel_list(0)
     by_panel: dict[int, tuple[set, set]] = {}
     newlines: list[tuple[int, bool]] = []
+    ends: dict[int, bool] = {}
     for cell, keep in zip(cells, kept):
         if cell.panel == NEWLINE:
             newlines.append((cell.row, keep))
+            continue
+        if cell.panel == END_OF_PANEL:
+            ends[cell.row] = keep
             continue
         present, chosen = by_panel.setdefault(cell.panel, (set(), set()))
         present.add((cell.row, cell.col))
         if keep:
             chosen.add((cell.row, cell.col))
-    size = image_panels[0].width
+    size = max(image_panels[0].width, image_panels[0].height)
     scale = max(1, math.ceil(_PANEL_MIN / size))
-    panel_px = size * scale
+    marker = max(4, size * scale // max(panels[0].rows, panels[0].cols) // 2)
 
     def shaded(index: int) -> Image.Image:
         present, chosen = by_panel.get(index, (set(), set()))
-        return _shade(image_panels[index], grid.side, scale, chosen, present)
+        picture = _shade(image_panels[index], panels[index].rows, panels[index].cols, scale, chosen, present)
+        return _with_end_mark(picture, marker, ends.get(index)) if ends else picture
 
+    if grid.frames:
+        return _hstack([shaded(frame) for frame in range(grid.frames)])
     rows, cols = grid.crops
     if rows == 0:
         return shaded(0)
-    marker = max(4, panel_px // grid.side // 2)
-    width = panel_px + 2 * _GAP + cols * panel_px + (cols - 1) + _GAP + marker
-    height = max(panel_px, rows * panel_px + (rows - 1))
+    base = shaded(0)
+    crops = [shaded(1 + crop) for crop in range(rows * cols)]
+    crop_w = max(picture.width for picture in crops)
+    crop_h = max(picture.height for picture in crops)
+    left = base.width + 2 * _GAP
+    width = left + cols * crop_w + (cols - 1) + ((_GAP + marker) if newlines else 0)
+    height = max(base.height, rows * crop_h + (rows - 1))
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    canvas.paste(shaded(0), (0, 0))
-    left = panel_px + 2 * _GAP
-    for crop in range(rows * cols):
+    canvas.paste(base, (0, 0))
+    for crop, picture in enumerate(crops):
         r, c = divmod(crop, cols)
-        canvas.paste(shaded(1 + crop), (left + c * (panel_px + 1), r * (panel_px + 1)))
+        canvas.paste(picture, (left + c * (crop_w + 1), r * (crop_h + 1)))
     draw = ImageDraw.Draw(canvas)
-    step = panel_px // grid.side
-    x = left + cols * (panel_px + 1) + _GAP - 1
+    token_rows = panels[1].rows
+    step = image_panels[1].height * scale // token_rows
+    x = left + cols * (crop_w + 1) + _GAP - 1
     for feature_row, keep in newlines:  # the newline tokens, beside the feature row each one ends
-        y = (feature_row // grid.side) * (panel_px + 1) + (feature_row % grid.side) * step
-        draw.rectangle((x, y + 1, x + marker - 1, y + step - 2), fill=(46, 160, 67) if keep else _DROPPED)
+        y = (feature_row // token_rows) * (crop_h + 1) + (feature_row % token_rows) * step
+        draw.rectangle((x, y + 1, x + marker - 1, y + step - 2), fill=_KEPT_MARK if keep else _DROPPED)
     return canvas
 
 
@@ -96,7 +138,8 @@ def draw_kept_tokens(adapter, processor, inputs: dict, positions: list[int], kep
                      label: str) -> list[tuple[Image.Image, str]]:
     """One picture per drop stage: every image (and crop) with the tokens that do not reach that layer darkened.
 
-    `positions` are the indices of the vision tokens in `input_ids`; `kept_positions` maps a drop layer to the
+    `positions` are the indices of the vision tokens in `input_ids` (in the text model's prompt for a family that
+    expands placeholders first), one per cell of the adapter's layout; `kept_positions` maps a drop layer to the
     indices kept (as in `ReductionStats.kept_positions` for one sample).
     """
     if not kept_positions:
@@ -108,7 +151,7 @@ def draw_kept_tokens(adapter, processor, inputs: dict, positions: list[int], kep
     if len(cells) != len(positions):
         raise ValueError(f"the prompt has {len(positions)} vision tokens but {type(adapter).__name__}'s layout gives "
                          f"{len(cells)}; cannot draw kept tokens for this model")
-    panels = _panels(processor, inputs)
+    panels = _panels(processor, inputs, grids)
     pictures = []
     for layer, kept in sorted(kept_positions.items()):
         chosen = set(kept)
@@ -116,7 +159,8 @@ def draw_kept_tokens(adapter, processor, inputs: dict, positions: list[int], kep
         parts = []
         for image, grid in enumerate(grids):
             mine = [i for i, cell in enumerate(cells) if cell.image == image]
-            parts.append(_compose(panels[image], grid, [cells[i] for i in mine], [flags[i] for i in mine]))
+            parts.append(_compose(panels[image], grid, [cells[i] for i in mine], [flags[i] for i in mine],
+                                  grid.panel_list(image)))
         picture = _hstack(parts)
         pictures.append((picture, f"{label}: layer {layer} keeps {len(chosen)}/{len(positions)} vision tokens"))
     return pictures
