@@ -19,7 +19,7 @@ from mmreduce.adapters.base import NEWLINE, TokenCell
 from mmreduce.demo.overlay import draw_kept_tokens
 from mmreduce.demo.summary import cards_html
 
-SHAPES, DOCS = "tiny-llava-shapes", "tiny-llava-next-docs"
+SHAPES, DOCS, INTERNVL = "tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs"
 QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)
 
 
@@ -175,6 +175,36 @@ def test_overlay_darkens_exactly_the_dropped_patches(store):
     assert min(centre(5, 4)) > 200 and max(centre(5, 5)) < 100
 
 
+def test_internvl_layout_of_a_page(store):
+    model, processor = store.get(INTERNVL)
+    batch = prepare_inputs(processor, [Image.new("RGB", (128, 128))], "what digit is in the cyan box ?")
+    assert batch["image_sizes"].tolist() == [[128, 128]]  # the tile grid is not in the processor outputs
+    cells, [grid] = get_adapter(model).token_layout(batch)
+    # 2 x 2 tiles of 64 px then the thumbnail, 4 x 4 tokens each after the pixel shuffle
+    assert len(cells) == len(vision_positions(model, batch)) == 80 and grid.crops == (2, 2)
+    assert cells[0] == TokenCell(0, 1, 0, 0) and cells[16] == TokenCell(0, 2, 0, 0)
+    assert {cell.panel for cell in cells[64:]} == {0} and cells[-1] == TokenCell(0, 0, 3, 3)
+
+
+def test_internvl_overlay_darkens_exactly_the_dropped_patches_of_a_tile(store):
+    model, processor = store.get(INTERNVL)
+    batch = prepare_inputs(processor, [Image.new("RGB", (128, 128), (255, 255, 255))],
+                           "what digit is in the cyan box ?")
+    positions = vision_positions(model, batch)
+    kept = [p for i, p in enumerate(positions) if i >= 16 or i % 2 == 0]  # tile 1 (the first 16): even columns only
+    [(picture, caption)] = draw_kept_tokens(get_adapter(model), processor, batch, positions, {2: kept}, "test")
+    assert caption == "test: layer 2 keeps 72/80 vision tokens"
+    panel = 64 * 3  # 64 px tiles upscaled 3x; the thumbnail on the left, the 2 x 2 tiles beside it
+    step, left = panel // 4, panel + 12
+    centre = lambda x0, y0, r, c: picture.getpixel((x0 + c * step + step // 2, y0 + r * step + step // 2))  # noqa
+    for r in range(4):
+        for c in range(4):
+            tile_1 = centre(left, 0, r, c)
+            assert (min(tile_1) > 200) if c % 2 == 0 else (max(tile_1) < 100), (r, c)
+            assert min(centre(left + panel + 1, 0, r, c)) > 200  # tile 2: all kept
+            assert min(centre(0, 0, r, c)) > 200  # the thumbnail: all kept
+
+
 # ---- the whole comparison -----------------------------------------------------------------------------------
 
 def test_run_demo_on_shapes(store):
@@ -204,6 +234,17 @@ def test_run_demo_on_crops_and_video(store):
     video = run_demo(store, SHAPES, EXAMPLES_DIR / "video-0.mp4", "which way does the blue cross move ?",
                      ["random"], **QUICK)
     assert video.kind == "video" and video.results[0].vision_tokens_per_layer[0] == 4 * 256
+
+
+def test_run_demo_on_internvl_docs(store):
+    docs = run_demo(store, INTERNVL, EXAMPLES_DIR / "docs-0.png", "what digit is in the cyan box ?",
+                    ["fastv", "pdrop"], fastv_layer=2, fastv_keep=0.5, pdrop_layers="2,4", **QUICK)
+    baseline, fastv, pdrop = docs.results
+    assert baseline.vision_tokens_per_layer[0] == 80 and all(r.answer for r in docs.results)
+    assert docs.overlay_note == "" and len(docs.overlays) == 1 + 2  # one picture per drop stage
+    picture, caption = docs.overlays[0]
+    assert caption.startswith(f"{fastv.label}: layer 2 keeps 40/80")
+    assert picture.size == (192 + 12 + 2 * 193 - 1, 2 * 193 - 1)  # 3x thumbnail, then the 2 x 2 tiles beside it
 
 
 def test_unknown_model_and_bad_settings(store, tmp_path):
