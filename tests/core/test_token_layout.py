@@ -104,7 +104,8 @@ def test_internvl_factory_batch_and_pixel_shuffle_order():
     index = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
     shuffled = model.model.pixel_shuffle(index, scale_factor=0.5).reshape(16, 4)
     for token, (r, c) in enumerate((r, c) for r in range(4) for c in range(4)):
-        assert sorted(shuffled[token].long().tolist()) == [side * (2 * r + i) + 2 * c + j for i in (0, 1) for j in (0, 1)]
+        patches = [side * (2 * r + i) + 2 * c + j for i in (0, 1) for j in (0, 1)]
+        assert sorted(shuffled[token].long().tolist()) == patches
 
 
 # ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------
@@ -192,6 +193,13 @@ def test_docowl_layout_in_the_text_models_order():
     assert cells[16] == TokenCell(0, END_OF_PANEL, 0, -1)  # the global image's vit_eos
     assert cells[17] == TokenCell(0, 1, 0, 0) and cells[-1] == TokenCell(0, END_OF_PANEL, 2, -1)
     assert [p.index for p in grid.panels] == [(0,), (1,), (2,)]
+    # H-Reducer token (r, c) depends on patch row r, patches 4c .. 4c+3 only: change patch (3, 5) -> token (3, 1)
+    states = torch.randn(1, 1 + 64, 32)
+    moved = states.clone()
+    moved[0, 1 + 3 * 8 + 5] += 1.0
+    with torch.no_grad():
+        changed = (model.model.vision2text(states) != model.model.vision2text(moved)).any(-1)[0]
+    assert changed.nonzero().flatten().tolist() == [3 * 2 + 1]
     batch.pop("patch_positions")
     with pytest.raises(ValueError, match="needs `patch_positions`"):
         adapter.token_layout(batch)
