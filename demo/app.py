@@ -52,6 +52,7 @@ _EXAMPLES = (
     ("shapes-3.png", "how many yellow objects are there ?", "tiny-llava-shapes"),
     ("docs-0.png", "what digit is in the cyan box ?", "tiny-llava-next-docs"),
     ("docs-wide-2.png", "what digit is in the yellow box ?", "tiny-llava-next-docs"),
+    ("docs-0.png", "what digit is in the cyan box ?", "tiny-internvl-docs"),
     ("video-0.mp4", "which way does the blue cross move ?", "tiny-llava-shapes"),
 )
 _LIMITS = {"warmup": (0, 3), "repeats": (1, 5), "max_new_tokens": (1, 32)}
