@@ -14,7 +14,8 @@ from torch import nn
 
 from mmreduce.probe import apply_rotary, last_query_attention
 
-__all__ = ["END_OF_PANEL", "NEWLINE", "ImageGrid", "ModelAdapter", "Panel", "PatchPacking", "TokenCell"]
+__all__ = ["END_OF_PANEL", "NEWLINE", "ComposedVLMAdapter", "ImageGrid", "ModelAdapter", "Panel", "PatchPacking",
+           "TokenCell"]
 
 #: `TokenCell.panel` of a newline token (LLaVA-NeXT ends every feature row with one); its `row` is that feature row.
 NEWLINE = -1
@@ -294,3 +295,46 @@ def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """tensor (B, T, ...) gathered along T with index (B, T') -> (B, T', ...)."""
     expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
     return tensor.gather(1, expanded)
+
+
+class ComposedVLMAdapter(ModelAdapter):
+    """A VLM whose inner `*Model` holds the decoder stack at `.language_model` and a vision tower (LLaVA, InternVL,
+    Qwen2-VL, the DocOwl stand-in). Takes the whole model or its inner one, and refuses, with a `TypeError`, a model
+    of another type or without those modules. Subclasses name the tower's attribute and the class they expect."""
+
+    vision_tower_name: ClassVar[str] = "vision_tower"
+    expects: ClassVar[str] = "the family's *ForConditionalGeneration"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in self.model_types:
+            raise TypeError(
+                f"{type(self).__name__} serves model type {' / '.join(repr(t) for t in self.model_types)}, but "
+                f"{type(model).__name__} is {model_type!r}{self.wrong_type_hint(model_type)}; let wrap() choose the "
+                "adapter from config.model_type, or pass one written for this family"
+            )
+        inner = model if hasattr(model, "language_model") else getattr(model, "model", None)
+        if not hasattr(getattr(inner, "language_model", None), "layers") or not hasattr(inner, self.vision_tower_name):
+            raise TypeError(
+                f"{type(model).__name__} has no `.model.{self.vision_tower_name}` and `.model.language_model.layers`; "
+                f"{type(self).__name__} expects {self.expects} (or its inner model)"
+            )
+        self._inner = inner
+
+    def wrong_type_hint(self, model_type: str | None) -> str:
+        """Extra advice for a model of `model_type` that this adapter does not serve ("" for none)."""
+        return ""
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self._inner
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self._inner.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        return getattr(self._inner, self.vision_tower_name, None)
+

@@ -47,30 +47,16 @@ from torch import nn
 
 from mmreduce.probe import apply_rotary, last_query_attention
 
-from .base import END_OF_PANEL, ImageGrid, ModelAdapter, Panel, TokenCell
+from .base import END_OF_PANEL, ComposedVLMAdapter, ImageGrid, Panel, TokenCell
 
 __all__ = ["DocOwlAdapter"]
 
 
-class DocOwlAdapter(ModelAdapter):
+class DocOwlAdapter(ComposedVLMAdapter):
     model_types = ("mplug_docowl",)
+    vision_tower_name = "vision_model"
+    expects = "the stand-in's DocOwlForConditionalGeneration"
     per_token_layer_kwargs = ("modality_indicators",)
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in self.model_types:
-            raise TypeError(
-                f"DocOwlAdapter serves model type 'mplug_docowl', but {type(model).__name__} is {model_type!r}; let "
-                "wrap() choose the adapter from config.model_type, or pass one written for this family"
-            )
-        inner = model if hasattr(model, "language_model") else getattr(model, "model", None)
-        if inner is None or not hasattr(getattr(inner, "language_model", None), "layers"):
-            raise TypeError(
-                f"{type(model).__name__} has no `.language_model.layers` nor `.model.language_model.layers`; "
-                "DocOwlAdapter expects the stand-in's DocOwlForConditionalGeneration or its inner DocOwlModel"
-            )
-        self._inner = inner
 
     @classmethod
     def model_class(cls, config) -> type[nn.Module]:
@@ -83,18 +69,6 @@ class DocOwlAdapter(ModelAdapter):
             "own code (written for transformers 4.31), which mmreduce never loads; load such a model yourself, "
             "deliberately, and pass it to mmreduce.wrap"
         )
-
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self._inner
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self._inner.language_model
-
-    @property
-    def vision_tower(self) -> nn.Module | None:
-        return getattr(self._inner, "vision_model", None)
 
     def vision_token_ids(self) -> tuple[int, ...]:
         """The `<|image|>` placeholder id (one per crop, expanded before the LLM; -200 in DocOwl)."""

@@ -26,49 +26,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ImageGrid, ModelAdapter, Panel, TokenCell
+from .base import ComposedVLMAdapter, ImageGrid, Panel, TokenCell
 
 __all__ = ["InternVLAdapter"]
 
 
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(ComposedVLMAdapter):
     model_types = ("internvl",)
+    expects = "InternVLForConditionalGeneration"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in self.model_types:
-            hint = (" (the remote-code InternVLChatModel: load the \"-hf\" checkpoint with "
-                    "InternVLForConditionalGeneration instead)" if model_type == "internvl_chat" else "")
-            raise TypeError(
-                f"InternVLAdapter serves model_type {' / '.join(self.model_types)}, got {model_type!r} "
-                f"({type(model).__name__}){hint}; pass the adapter of that family (or none, to pick it from the "
-                "config)"
-            )
-        # The whole model, or its inner InternVLModel (no LM head).
-        inner = model if hasattr(model, "language_model") else getattr(model, "model", None)
-        missing = [name for name in ("vision_tower", "language_model") if not hasattr(inner, name)]
-        if inner is None or missing or not hasattr(inner.language_model, "layers"):
-            raise TypeError(
-                f"{type(model).__name__} has no `.model.vision_tower` and `.model.language_model.layers`; "
-                "InternVLAdapter expects InternVLForConditionalGeneration (or its inner InternVLModel)"
-            )
-        if getattr(config, "image_token_id", None) is None:
+        if getattr(model.config, "image_token_id", None) is None:
             raise TypeError("internvl config has no image_token_id; cannot locate the vision tokens")
-        self._inner = inner
 
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self._inner
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self._inner.language_model
-
-    @property
-    def vision_tower(self) -> nn.Module | None:
-        return self._inner.vision_tower
+    def wrong_type_hint(self, model_type: str | None) -> str:
+        if model_type == "internvl_chat":
+            return (" (the remote-code InternVLChatModel: load the \"-hf\" checkpoint with "
+                    "InternVLForConditionalGeneration)")
+        return ""
 
     def vision_token_ids(self) -> tuple[int, ...]:
         """The `<IMG_CONTEXT>` id only: `<img>` / `</img>` are text."""

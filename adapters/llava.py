@@ -8,43 +8,15 @@ The adapter takes the whole model or its inner `.model` (`LlavaModel` / `LlavaNe
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import NEWLINE, ImageGrid, ModelAdapter, TokenCell
+from .base import NEWLINE, ComposedVLMAdapter, ImageGrid, TokenCell
 
 __all__ = ["LlavaAdapter"]
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(ComposedVLMAdapter):
     model_types = ("llava", "llava_next")
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in self.model_types:
-            raise TypeError(
-                f"LlavaAdapter serves model types {self.model_types}, but {type(model).__name__} is {model_type!r}; "
-                "let wrap() choose the adapter from config.model_type, or pass one written for this family"
-            )
-        inner = model if hasattr(model, "language_model") else getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "language_model"):
-            raise TypeError(
-                f"{type(model).__name__} has no `.language_model` nor `.model.language_model`; LlavaAdapter expects "
-                "LlavaForConditionalGeneration / LlavaNextForConditionalGeneration or their inner `.model`"
-            )
-        self._inner = inner
-
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self._inner
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self._inner.language_model
-
-    @property
-    def vision_tower(self) -> nn.Module | None:
-        return getattr(self._inner, "vision_tower", None)
+    expects = "LlavaForConditionalGeneration / LlavaNextForConditionalGeneration"
 
     def vision_token_ids(self) -> tuple[int, ...]:
         config = self.model.config

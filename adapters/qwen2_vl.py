@@ -24,45 +24,22 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ImageGrid, ModelAdapter, Panel, PatchPacking, TokenCell
+from .base import ComposedVLMAdapter, ImageGrid, Panel, PatchPacking, TokenCell
 
 __all__ = ["Qwen2VLAdapter"]
 
 
-class Qwen2VLAdapter(ModelAdapter):
+class Qwen2VLAdapter(ComposedVLMAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    vision_tower_name = "visual"
+    expects = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in self.model_types:
-            raise TypeError(
-                f"Qwen2VLAdapter serves model_type {' / '.join(self.model_types)}, got {model_type!r} "
-                f"({type(model).__name__}); pass the adapter of that family (or none, to pick it from the config)"
-            )
-        inner = model if _is_inner(model) else getattr(model, "model", None)
-        if not _is_inner(inner):
-            raise TypeError(
-                f"{type(model).__name__} has no `.model.visual` and `.model.language_model.layers`; Qwen2VLAdapter "
-                "expects Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration or their inner `.model`"
-            )
-        self._inner = inner
+        config = model.config
         for name in ("image_token_id", "video_token_id"):
             if getattr(config, name, None) is None:
-                raise TypeError(f"{model_type} config has no {name}; cannot locate the vision tokens")
-
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self._inner
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self._inner.language_model
-
-    @property
-    def vision_tower(self) -> nn.Module | None:
-        return self._inner.visual
+                raise TypeError(f"{config.model_type} config has no {name}; cannot locate the vision tokens")
 
     def vision_token_ids(self) -> tuple[int, ...]:
         """The image and video pad ids (`<|vision_start|>` / `<|vision_end|>` are text)."""
@@ -109,7 +86,3 @@ class Qwen2VLAdapter(ModelAdapter):
             used[token] += 1
             start[token] += t * h * w
         return cells, grids
-
-def _is_inner(module) -> bool:
-    """True for a Qwen2VLModel / Qwen2_5_VLModel: a vision tower `.visual` and a decoder stack `.language_model`."""
-    return hasattr(module, "visual") and hasattr(getattr(module, "language_model", None), "layers")

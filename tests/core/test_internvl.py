@@ -128,8 +128,8 @@ class _Stub(nn.Module):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: tiny_llava("sdpa", layers=2), "got 'llava'"),
-    (_qwen2_vl, "got 'qwen2_vl'"),  # same `.model.language_model.layers` paths: refused by its model type
+    (lambda: tiny_llava("sdpa", layers=2), "is 'llava'"),
+    (_qwen2_vl, "is 'qwen2_vl'"),  # same `.model.language_model.layers` paths: refused by its model type
     (lambda: _Stub("internvl_chat"), "-hf"),  # the remote-code InternVLChatModel
     (lambda: _Stub("internvl"), "has no `.model.vision_tower` and `.model.language_model.layers`"),
 ], ids=["llava", "qwen2_vl", "internvl_chat", "internvl-without-its-modules"])
