@@ -22,7 +22,7 @@ from typing import Any
 from mmreduce.adapters import get_adapter
 
 from .charts import latency_chart, schedule_chart, tokens_chart
-from .compare import MethodResult, prepare_inputs, run_comparison, vision_positions
+from .compare import MethodResult, prepare_inputs, run_comparison
 from .inputs import LIMITS_TEXT, DemoInputError, check_question, load_media
 from .methods import UI_METHODS, build_methods
 from .overlay import draw_kept_tokens
@@ -139,14 +139,15 @@ def run_demo(store: ModelStore, model_name: str | None, media: str | None, quest
                 (("warmup", warmup), ("repeats", repeats), ("max_new_tokens", max_new_tokens))}
     model, processor = store.get(model_name)
     inputs = prepare_inputs(processor, images, text)
-    positions = vision_positions(model, inputs)
-    num_layers = get_adapter(model).num_layers
-    choices = build_methods(methods, num_layers=num_layers, vision_tokens=len(positions), **method_params)
+    adapter = get_adapter(model)
+    vision_tokens = int(adapter.count_vision_tokens(inputs["input_ids"][:1])[0])
+    choices = build_methods(methods, num_layers=adapter.num_layers, vision_tokens=vision_tokens, **method_params)
     results = run_comparison(model, processor, inputs, choices, **settings)
     comparison = Comparison(text, kind, results)
+    positions = results[0].vision_positions  # where the text model saw them (placeholders expanded or not)
     for result in results[1:]:
         try:
-            comparison.overlays += draw_kept_tokens(get_adapter(model), processor, inputs, positions,
+            comparison.overlays += draw_kept_tokens(adapter, processor, inputs, positions,
                                                     result.kept_positions, result.label)
         except ValueError as error:  # an unknown packing: the numbers stay valid, only the picture is missing
             comparison.overlay_note = str(error)

@@ -32,6 +32,7 @@ class MethodResult:
     label: str
     answer: str
     vision_tokens_per_layer: list[int]
+    vision_positions: list[int]
     kept_positions: dict[int, list[int]]
     equivalent_vision_tokens: float
     prefill_flops: float
@@ -113,6 +114,7 @@ def run_comparison(model, processor, inputs: dict, choices: list[MethodChoice], 
                 label=choice.label,
                 answer=answer,
                 vision_tokens_per_layer=list(stats.vision_tokens_per_layer[0]),
+                vision_positions=list(stats.vision_positions[0]) if stats.vision_positions else [],
                 kept_positions={layer: list(kept[0]) for layer, kept in sorted(stats.kept_positions.items())},
                 equivalent_vision_tokens=stats.equivalent_vision_tokens,
                 prefill_flops=stats.prefill_flops,

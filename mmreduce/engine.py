@@ -275,6 +275,7 @@ class Reducer:
         vision = vision & input_mask
         initial = vision.sum(dim=1)
         stats.initial_vision_tokens = initial.tolist()
+        stats.vision_positions = [row.nonzero().flatten().tolist() for row in vision]
         stats.text_tokens = (input_mask & ~vision).sum(dim=1).tolist()
         stats.vision_tokens_per_layer = [[n] * self.num_layers for n in initial.tolist()]
         if from_text is None and (pending is None or pending[0] is None):

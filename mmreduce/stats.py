@@ -20,8 +20,11 @@ class ReductionStats:
         initial_vision_tokens: per sample, vision tokens in the prompt.
         text_tokens: per sample, non-padding non-vision prompt tokens.
         vision_tokens_per_layer: per sample, vision tokens entering each decoder layer.
-        kept_positions: decoder layer where a drop takes effect -> per sample, sorted indices into the (padded)
-            `input_ids` of the vision tokens entering that layer.
+        vision_positions: per sample, sorted indices of the prompt's vision tokens in the sequence the text model
+            sees (the padded `input_ids`, or the prompt after placeholders were expanded for families that expand
+            them before the LLM): what `kept_positions` index into.
+        kept_positions: decoder layer where a drop takes effect -> per sample, sorted indices (as
+            `vision_positions`) of the vision tokens entering that layer.
         vision_ms / prefill_ms: wall time of the vision tower and of the LLM prefill.
         decode_ms / decode_steps: total LLM decode time and number of decode calls since the prefill.
         selection_ms: time spent scoring and selecting tokens (part of prefill_ms).
@@ -35,6 +38,7 @@ class ReductionStats:
     initial_vision_tokens: list[int] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    vision_positions: list[list[int]] = field(default_factory=list)
     kept_positions: dict[int, list[list[int]]] = field(default_factory=dict)
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -86,6 +90,7 @@ class ReductionStats:
             "initial_vision_tokens": self.initial_vision_tokens,
             "text_tokens": self.text_tokens,
             "vision_tokens_per_layer": self.vision_tokens_per_layer,
+            "vision_positions": self.vision_positions,
             "kept_positions": {str(k): v for k, v in self.kept_positions.items()},
             "equivalent_vision_tokens": self.equivalent_vision_tokens,
             "prefill_flops": self.prefill_flops,

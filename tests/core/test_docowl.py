@@ -297,6 +297,28 @@ def test_wrapped_stats_count_the_expanded_tokens(docowl):
     assert stats.vision_tokens_per_layer == [[n, n, -(-n // 4), -(-n // 4)] for n in initial]
 
 
+def test_stats_name_the_vision_positions_the_text_model_saw(docowl):
+    """Placeholders are expanded before the LLM: the stats' positions are the expanded prompt's vision tokens, the
+    ones `kept_positions` index into (what the demo's overlays need), not the placeholders of `input_ids`."""
+    model, batch = docowl
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("indicators", kwargs["modality_indicators"])
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad(), mmreduce.wrap(model, "fastv", layer=2, keep_ratio=0.25) as reduced:
+            reduced(**batch)
+            stats = reduced.stats
+    finally:
+        handle.remove()
+    expected = [row.nonzero().flatten().tolist() for row in seen["indicators"] == 1]
+    assert stats.vision_positions == expected and [len(p) for p in expected] == stats.initial_vision_tokens
+    for layer, kept in stats.kept_positions.items():
+        assert all(set(k) <= set(p) for k, p in zip(kept, expected)), layer
+
+
 # ---- DocOwl 1.5's real widths ----------------------------------------------------------------------------------
 
 def _available_gib() -> float:

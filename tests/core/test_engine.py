@@ -174,3 +174,12 @@ def test_stats_report_tokens_flops_and_times(module_llava, llava_inputs):
     record = stats.to_dict()
     assert record["kept_positions"]["2"] == stats.kept_positions[2]
     assert json.dumps(record)  # serialisable
+
+
+def test_stats_name_the_vision_positions(module_llava, llava_inputs):
+    with torch.no_grad(), mmreduce.wrap(module_llava, "fastv", layer=2, keep_ratio=0.25) as reduced:
+        reduced(**llava_inputs)
+        stats = reduced.stats
+    vision = (llava_inputs["input_ids"] == 250) & llava_inputs["attention_mask"].bool()
+    assert stats.vision_positions == [row.nonzero().flatten().tolist() for row in vision]
+

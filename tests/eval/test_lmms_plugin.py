@@ -185,3 +185,23 @@ def test_loglikelihood_scores_choices_like_reduced_generation(monkeypatch, tiny_
     assert run["equivalent_vision_tokens"] == pytest.approx(88.0)
     assert 0.1 < run["prefill_flops_ratio"] < 0.7
     assert 0.0 <= result["acc,none"] <= 1.0
+
+
+@pytest.mark.slow  # lmms-eval's evaluator end to end on an InternVL model, then the same reduction sample by sample
+def test_an_internvl_model_through_the_plugin_matches_the_plain_reduced_model(monkeypatch):
+    from mmreduce.eval.accuracy import generate_answers
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.tiny_models import load_tiny
+
+    lm, result, samples = _evaluate(monkeypatch, "mmreduce_docs_tiny",
+                                    "pretrained=tiny-internvl-docs,method=pdrop,keep_ratio=0.5,layers=2", 4)
+    model, processor = load_tiny("tiny-internvl-docs")
+    pages = load_benchmark("docs", "test", 8, seed=0, page_sizes=((128, 128),))
+    with torch.no_grad(), mmreduce.wrap(model, "pdrop", keep_ratio=0.5, layers=(2,)) as reduced:
+        expected = generate_answers(reduced, processor, pages, batch_size=1, max_new_tokens=3)
+    assert [s["filtered_resps"][0].split()[0] for s in samples] == expected
+    assert result["exact_match,none"] == pytest.approx(sum(a == s.answer for a, s in zip(expected, pages)) / 8)
+    # 80 vision tokens per page (4 tiles + thumbnail, 16 each): layers 0-1 keep 80, layers 2-7 keep 40 -> 50.
+    (run,) = lm.run_log
+    assert run["requests"] == 8 and run["vision_tokens"] == 80
+    assert run["equivalent_vision_tokens"] == pytest.approx(50.0)
