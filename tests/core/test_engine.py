@@ -183,3 +183,17 @@ def test_stats_name_the_vision_positions(module_llava, llava_inputs):
     vision = (llava_inputs["input_ids"] == 250) & llava_inputs["attention_mask"].bool()
     assert stats.vision_positions == [row.nonzero().flatten().tolist() for row in vision]
 
+
+
+def test_the_inner_model_can_be_wrapped_and_reduces_as_the_whole_one(module_llava, llava_inputs):
+    """`model.model` (LlavaModel, no LM head) takes the same adapter: same kept tokens, same last hidden states."""
+    with torch.no_grad():
+        with mmreduce.wrap(module_llava, "fastv", layer=2, keep_ratio=0.25) as whole:
+            whole_logits = whole(**llava_inputs).logits
+            whole_kept = whole.stats.kept_positions
+        with mmreduce.wrap(module_llava.model, "fastv", layer=2, keep_ratio=0.25) as inner:
+            hidden = inner(**llava_inputs).last_hidden_state  # (B, T, D), scattered back to prompt length
+            inner_kept = inner.stats.kept_positions
+        inner_logits = module_llava.lm_head(hidden)
+    assert inner_kept == whole_kept and whole_kept
+    torch.testing.assert_close(inner_logits, whole_logits, rtol=0, atol=0)
