@@ -171,7 +171,7 @@ class Reducer:
         self.generating, self.prompt_length, self._prompt_ids_length = True, None, None
 
     def end_generate(self) -> None:
-        self.generating, self.prompt_length = False, None
+        self.generating, self.prompt_length, self._prompt_ids_length = False, None, None
 
     # ---- prefix reuse -----------------------------------------------------------------------------------------
     def capture(self, prefill: Callable[[], Any], layer: int) -> LayerPrefix:
