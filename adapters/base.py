@@ -244,19 +244,28 @@ class ModelAdapter:
         Returns:
             (B, H, T) float32 probabilities; keys after the query or invalid get 0.
         """
-        attn = layer.self_attn
-        head_dim = attn.head_dim
-        batch, seq, _ = hidden.shape
+        batch = hidden.shape[0]
         rows = torch.arange(batch, device=hidden.device)
-        normed = layer.input_layernorm(hidden)  # (B, T, D)
-        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, head_dim)  # (B, H, hd)
-        key = attn.k_proj(normed).view(batch, seq, -1, head_dim)  # (B, T, Hkv, hd)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key = self.query_and_keys(layer, hidden, query_index, layer_kwargs or {})
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # (B, T, hd)
         query = apply_rotary(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
         key = apply_rotary(key.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, T, hd)
-        return last_query_attention(query, key, attn.scaling, key_valid, query_index)
+        return last_query_attention(query, key, layer.self_attn.scaling, key_valid, query_index)
+
+    def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
+                       layer_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe's projections before RoPE, from the layer's own input norm and q/k projections (and q/k norms
+        if present): the query token's query (B, H, hd) and every token's key (B, T, Hkv, hd). A family whose
+        norms or projections depend on per-token arguments overrides this, not the whole probe."""
+        attn = layer.self_attn
+        batch, seq, _ = hidden.shape
+        rows = torch.arange(batch, device=hidden.device)
+        normed = layer.input_layernorm(hidden)  # (B, T, D)
+        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, attn.head_dim)  # (B, H, hd)
+        key = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim)  # (B, T, Hkv, hd)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        return query, key
 
     def gather_layer_kwargs(self, kwargs: dict, original_index: torch.Tensor) -> dict:
         """Per-token layer kwargs for a shortened stream.

@@ -45,8 +45,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmreduce.probe import apply_rotary, last_query_attention
-
 from .base import END_OF_PANEL, ComposedVLMAdapter, ImageGrid, Panel, TokenCell
 
 __all__ = ["DocOwlAdapter"]
@@ -135,28 +133,17 @@ class DocOwlAdapter(ComposedVLMAdapter):
         indicators = text_kwargs.get("modality_indicators")
         return None if indicators is None else indicators == 1
 
-    def attention_probe(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        query_index: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        key_valid: torch.Tensor,
-        layer_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """The default Llama probe with modality routing: every token's input norm and k projection go through
+    def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
+                       layer_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The default projections with modality routing: every token's input norm and k projection go through
         its own branch (the query's norm through the query's branch; `q_proj` is shared)."""
-        indicators = (layer_kwargs or {}).get("modality_indicators")
+        indicators = layer_kwargs.get("modality_indicators")
         attn = layer.self_attn
-        head_dim = attn.head_dim
         batch, seq, _ = hidden.shape
         if indicators is not None:
             indicators = indicators.expand(batch, seq)
         rows = torch.arange(batch, device=hidden.device)
         normed = layer.input_layernorm(hidden, indicators)  # (B, T, D)
-        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, head_dim)  # (B, H, hd)
-        key = attn.k_proj(normed, indicators).view(batch, seq, -1, head_dim)  # (B, T, Hkv, hd)
-        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # (B, T, hd)
-        query = apply_rotary(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
-        key = apply_rotary(key.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, T, hd)
-        return last_query_attention(query, key, attn.scaling, key_valid, query_index)
+        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, attn.head_dim)  # (B, H, hd)
+        key = attn.k_proj(normed, indicators).view(batch, seq, -1, attn.head_dim)  # (B, T, Hkv, hd)
+        return query, key

@@ -130,10 +130,10 @@ def _data_fingerprint(samples) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(out: Path, config: BenchConfig, runner: Runner, data: str, spec: MethodSpec, method,
+def _cache_path(out: Path, config: BenchConfig, weights: str, data: str, spec: MethodSpec, method,
                 device: str, shard: "_Shard") -> Path:
     """One file per (weights, data, method, options): a changed run never reads another run's batches."""
-    key = json.dumps([CACHE_FORMAT, config.model, runner.fingerprint(), data, config.dataset, config.split,
+    key = json.dumps([CACHE_FORMAT, config.model, weights, data, config.dataset, config.split,
                       config.seed, config.samples, config.batch_size, config.max_new_tokens, spec.text,
                       method.describe(), device.split(":")[0], config.benchmark_options],
                      sort_keys=True, default=str)
@@ -290,7 +290,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         f"{vision} vision tokens per prompt, batch {config.batch_size}, {device}"
         + (f", {shard.world} processes" if shard.world > 1 else ""))
     plan = _plan(specs, runner, depth, vision, config.model)  # every method checked before any batch runs
-    data = _data_fingerprint(samples)
+    weights, data = runner.fingerprint(), _data_fingerprint(samples)  # read once, not once per method
     if any(method is not None for _, method, _ in plan):
         # Untimed and unrecorded: first-call allocations and lazy set-up would otherwise be charged to whichever
         # method runs first (its prefill time and peak memory).
@@ -302,7 +302,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
             rows.append(_skipped_row(spec, reason))
             continue
         start = time.perf_counter()
-        cache_file = _cache_path(out, config, runner, data, spec, method, device, shard)
+        cache_file = _cache_path(out, config, weights, data, spec, method, device, shard)
         batches = _evaluate_spec(runner, samples, spec, method, config, cache_file, shard, log)
         batches = sorted(shard.gather(batches), key=lambda batch: batch["start"])
         row = _summarise(spec, method, batches, note=runner.note(batches))

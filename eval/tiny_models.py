@@ -272,17 +272,22 @@ def build_processor(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast | Non
                chat_template=CHAT_TEMPLATE_QUESTION_FIRST if cfg.question_first else CHAT_TEMPLATE)
 
 
+def _text_config_fields(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The language model's sizes and special ids, the same for the Llama (LLaVA) and Qwen2 (InternVL) recipes."""
+    return dict(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=2048,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+
+
 def _model_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast):
     if cfg.arch == "internvl":
         return _internvl_config(cfg, tokenizer), InternVLForConditionalGeneration
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                               image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                       num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=2048,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    text = LlamaConfig(**_text_config_fields(cfg, tokenizer))
     common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                   vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     if cfg.arch == "llava":
@@ -296,11 +301,7 @@ def _internvl_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast) -> 
     vision = InternVLVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
                                   num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                                   image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                       num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=2048,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    text = Qwen2Config(**_text_config_fields(cfg, tokenizer))
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
                           image_seq_length=cfg.tokens_per_image, downsample_ratio=INTERNVL_DOWNSAMPLE,
                           projector_hidden_act="gelu", vision_feature_layer=-1,
