@@ -4,7 +4,7 @@
     model, processor = load_tiny("tiny-llava-shapes")          # bundled checkpoint, offline
     inputs = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
 
-Three recipes are registered in `TINY_MODELS`:
+Four recipes are registered in `TINY_MODELS`:
 
 - `tiny-llava-shapes`: `LlavaForConditionalGeneration`, CLIP tower on 128 px images with 8 px patches
   (16 x 16 = 256 vision tokens, CLS dropped) + an 8-layer Llama; trained on `shapes`. (576 tokens would
@@ -16,6 +16,9 @@ Three recipes are registered in `TINY_MODELS`:
   plus a thumbnail of the whole page when there is more than one) through an InternViT-style tower with 8 px
   patches, pixel shuffle 0.5 (16 tokens per tile, each from a 16 px square) and a Qwen2 text model (a 128 px page:
   4 tiles + thumbnail = 80 vision tokens between `<img>` and `</img>`); trained on `docs`.
+- `tiny-llava-video`: `LlavaForConditionalGeneration` reading a clip as 4 frames, one `<image>` per frame: CLIP
+  tower on 96 px frames with 12 px patches (8 x 8 = 64 tokens per frame, 256 per clip) + the same Llama; trained on
+  `video`.
 
 The tokenizer is a `tokenizers` WordLevel model over a closed vocabulary (question and answer words of all the
 benchmarks, the prompt words, and the special tokens `<pad> <s> </s> <unk> <image>`), wrapped in
@@ -132,6 +135,7 @@ class TinyVLMConfig:
     - question_first: the prompt puts the question before the images (`PROMPT_QUESTION_FIRST`), so the image
       tokens can condition on it; otherwise LLaVA-1.5's order (images first).
     - max_tiles: most tiles per image (internvl only; a thumbnail is added when there is more than one).
+    - frames: images per sample, one `<image>` each (the `video` benchmark's `frames_per_sample`); 1 otherwise.
     """
 
     name: str
@@ -152,6 +156,7 @@ class TinyVLMConfig:
     words: tuple[str, ...] = VOCABULARY
     question_first: bool = False
     max_tiles: int = 0
+    frames: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ("llava", "llava_next", "internvl"):
@@ -167,6 +172,8 @@ class TinyVLMConfig:
         if self.text_layers < 1 or self.vision_layers < 1:
             raise ValueError(f"need at least one layer, got text_layers={self.text_layers!r}, "
                              f"vision_layers={self.vision_layers!r}")
+        if self.frames < 1 or self.benchmark_options.get("frames_per_sample", self.frames) != self.frames:
+            raise ValueError(f"frames={self.frames!r} must be >= 1 and equal benchmark_options' frames_per_sample")
         if self.arch == "llava_next" and not self.grid_pinpoints:
             raise ValueError("grid_pinpoints must be given for arch='llava_next'")
         if self.arch == "internvl" and (self.max_tiles < 1 or (self.image_size // self.patch_size) % 2):
@@ -199,6 +206,11 @@ TINY_MODELS: dict[str, TinyVLMConfig] = {
     "tiny-internvl-docs": TinyVLMConfig(
         name="tiny-internvl-docs", arch="internvl", benchmark="docs", image_size=64, patch_size=8, max_tiles=4,
         benchmark_options=dict(page_sizes=((128, 128),)), words=DOCS_VOCABULARY,
+    ),
+    # The video words are part of VOCABULARY: the tokenizer is tiny-llava-shapes' one.
+    "tiny-llava-video": TinyVLMConfig(
+        name="tiny-llava-video", benchmark="video", image_size=96, patch_size=12, frames=4,
+        benchmark_options=dict(size=96, frames_per_sample=4),
     ),
 }
 

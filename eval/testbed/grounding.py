@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-__all__ = ["GroundingProbe", "object_boxes", "target_positions"]
+__all__ = ["GroundingProbe", "is_clip", "object_boxes", "target_positions", "video_frames"]
 
 
 def _boxes_to_cells(boxes, cell: int, grid_h: int, grid_w: int) -> set[tuple[int, int]]:
@@ -25,11 +25,39 @@ def _boxes_to_cells(boxes, cell: int, grid_h: int, grid_w: int) -> set[tuple[int
     return cells
 
 
-def object_boxes(sample) -> list[tuple[int, int, int, int]]:
-    """Pixel boxes of every object in the scene (`shapes` objects or `docs` fields), asked or not."""
+def is_clip(sample) -> bool:
+    """Whether `sample` is a whole `video` sample (several frames), not one scene."""
+    return "frame_indices" in sample.meta
+
+
+def video_frames(sample) -> list:
+    """A `video` sample as one scene per frame of `Sample.images`, in order, each a one-image sample whose meta is
+    laid out as a `shapes` scene: `objects` (the static distractors, then the actor where it is visible, in its
+    colour of that frame) and `target_boxes` (the actor's box where it is visible, else none), plus `frame`."""
+    from dataclasses import replace
+
     from ..benchmarks.draw import shape_box
 
-    if sample.meta["benchmark"] == "shapes":
+    meta = sample.meta
+    scenes = []
+    for k, t in enumerate(meta["frame_indices"]):
+        x0, _, x1, _ = meta["target_boxes"][k]
+        cx, cy = meta["track"][t]
+        visible = t >= meta["appear_at"]
+        actor = dict(shape=meta["shape"], color=meta["colors"][t], cx=cx, cy=cy, radius=(x1 - x0) // 2)
+        scene = dict(benchmark="video", qtype=meta["qtype"], frame=k,
+                     objects=[*meta["distractors"], *([actor] if visible else [])],
+                     target_boxes=[shape_box(cx, cy, actor["radius"])] if visible else [])
+        scenes.append(replace(sample, images=[sample.images[k]], meta=scene))
+    return scenes
+
+
+def object_boxes(sample) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes of every object in the scene (`shapes` objects, a video frame's objects or `docs` fields), asked
+    or not."""
+    from ..benchmarks.draw import shape_box
+
+    if "objects" in sample.meta:
         return [shape_box(o["cx"], o["cy"], o["radius"]) for o in sample.meta["objects"]]
     return [f["box"] for f in sample.meta["fields"]]
 
@@ -38,12 +66,21 @@ def target_positions(sample, vision_positions: torch.Tensor, config) -> torch.Te
     """Sequence positions of the vision tokens under the sample's target boxes; (k,) long, maybe empty.
 
     vision_positions: (n_vision,) positions of the image tokens of this sample, in order.
-    LLaVA-1.5: a row-major grid x grid map. LLaVA-NeXT (page equal to a pinpoint, no unpadding): the base image's
+    LLaVA-1.5: a row-major grid x grid map; a `video` sample: one such map per frame, frame after frame, each
+    with the boxes of that frame (`video_frames`). LLaVA-NeXT (page equal to a pinpoint, no unpadding): the base image's
     g x g map (the page resized to one crop), then the full-resolution map row by row, each row followed by
     one newline token. InternVL (page equal to its tile canvas): `_internvl_positions`.
     """
     if config.model_type == "internvl":
         return _internvl_positions(sample, vision_positions, config)
+    if is_clip(sample):
+        frames = video_frames(sample)
+        per = vision_positions.numel() // len(frames)
+        if config.model_type != "llava" or per * len(frames) != vision_positions.numel():
+            raise RuntimeError(f"a {len(frames)}-frame clip needs a llava model with the same number of vision "
+                               f"tokens per frame, got {config.model_type} with {vision_positions.numel()}")
+        return torch.cat([target_positions(frame, vision_positions[k * per:(k + 1) * per], config)
+                          for k, frame in enumerate(frames)])
     patch, side = config.vision_config.patch_size, config.vision_config.image_size
     g = side // patch
     boxes = sample.meta["target_boxes"]

@@ -86,6 +86,9 @@ def _add_loss_options(group, defaults: TrainConfig) -> None:
                        "to this decoder layer to tell which colours and shapes the question names; 0 = off")
     group.add_argument("--copy-roles", action="store_true", help="the --copy-layer target tells the asked "
                        "object's named classes apart from the reference object's (position questions)")
+    group.add_argument("--frame-layer", type=int, default=defaults.frame_layer, help="train the image tokens' "
+                       "input to this decoder layer to tell which frame of a clip they belong to (models reading "
+                       "several frames); 0 = off")
     group.add_argument("--tie-qk-init", action="store_true", help="start the grounded layers' keys equal to "
                        "their queries")
     group.add_argument("--deep-layers", default="", help="comma-separated decoder layers whose output at the answer "

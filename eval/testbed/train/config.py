@@ -21,7 +21,8 @@ class TrainConfig:
     Losses besides the answer's (0 / empty = off): aux_weight (per-patch targets), grounding_layers /
     grounding_weight / grounding_heads / grounding_contrast (answer-position attention onto the asked objects),
     value_aux_weight, deep_layers, question_aux_layer, match_layer, tie_qk_init, question_grounding_layers,
-    position_aux, relevance_layer (image tokens' role), copy_layer / copy_roles (the question's named classes).
+    position_aux, relevance_layer (image tokens' role), copy_layer / copy_roles (the question's named classes),
+    frame_layer (which frame of a clip an image token is in).
     Stopping and saving: eval_every, eval_samples, max_minutes, stop_at, init_from, out.
     """
 
@@ -50,6 +51,7 @@ class TrainConfig:
     relevance_layer: int = 0
     copy_layer: int = 0
     copy_roles: bool = False
+    frame_layer: int = 0
     vision_steps: int = 0
     vision_batch_size: int = 32
     seed: int = 0
@@ -107,6 +109,12 @@ class TrainConfig:
         if self.grounding_heads < 0:
             raise ValueError(f"grounding_heads must be >= 0 (0 = all heads), got {self.grounding_heads!r}")
         self._check_question_first_losses()
+        if self.frame_layer < 0 or (self.frame_layer and TINY_MODELS[self.model].frames < 2):
+            raise ValueError(f"frame_layer must be >= 0 (0 = off) and needs a model that reads several frames, got "
+                             f"{self.frame_layer!r} for {self.model}")
+        if TINY_MODELS[self.model].benchmark == "video" and (self.curriculum or self.extra_questions):
+            raise ValueError("curriculum and extra_questions are for shapes and docs scenes; train a video model "
+                             "with --extra-questions 0 and no --curriculum")
         if self.match_layer < 0:
             raise ValueError(f"match_layer must be >= 0 (0 = off), got {self.match_layer!r}")
         if self.question_aux_layer < 0:

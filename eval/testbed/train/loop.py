@@ -4,7 +4,7 @@ Batches are drawn from the benchmark's `train` split by index (step s uses indic
 (offset + s) * B + B - 1), so a run is a pure function of its arguments and never sees a sample twice. The loss is
 cross-entropy on the answer word and `</s>`, plus an auxiliary per-patch loss: a throw-away linear head on the
 projector output predicts, for every vision token, what the generator drew under it (colour and shape for
-`shapes`; mark colour, digit or line for `docs`). The dense target teaches the tiny CLIP tower from scratch in
+`shapes` and for every frame of a `video` clip; mark colour, digit or line for `docs`). The dense target teaches the tiny CLIP tower from scratch in
 minutes and keeps each object's information in its own tokens, which is exactly what makes token selection
 matter. The optional losses of `TrainConfig` add more such heads; none of them is saved.
 
@@ -37,6 +37,7 @@ from .targets import (
     aux_targets,
     class_layout,
     colour_word_roles,
+    frame_targets,
     named_classes,
     other_object_positions,
     relevance_targets,
@@ -62,11 +63,12 @@ class _Heads:
     relevance: torch.nn.ModuleList  # image token roles: none / asked / reference
     copy: torch.nn.ModuleList  # the classes the question names, at every image token
     word_role: torch.nn.ModuleList  # asked / reference role of the question's colour words
+    frame: torch.nn.ModuleList  # which frame of a clip an image token belongs to
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [*self.patch.parameters(), *self.value.parameters(), *self.question.parameters(),
                 *self.match.parameters(), *self.relevance.parameters(), *self.copy.parameters(),
-                *self.word_role.parameters()]
+                *self.word_role.parameters(), *self.frame.parameters()]
 
 
 @dataclass
@@ -149,7 +151,7 @@ def _setup(cfg: TrainConfig, log: logging.Logger) -> tuple[_Run, float]:
     options = {**recipe.benchmark_options, **({"qtypes": tuple(cfg.qtypes)} if cfg.qtypes else {})}
     vision_start = time.time()
     if cfg.vision_steps:
-        _vision_warmup(cfg, recipe, model, processor, heads.patch, captured, options, log)
+        _vision_warmup(cfg, recipe, model, processor, heads.patch, captured, options, log, grid)
     vision_wall_time = time.time() - vision_start
     probe = GroundingProbe(model, cfg.grounding_layers, cfg.grounding_heads) if cfg.grounding_layers else None
     # The answer position must first read the question's naming words (colour, shape, digit) before it can look
@@ -178,7 +180,8 @@ def _model(cfg: TrainConfig) -> tuple[TinyVLMConfig, torch.nn.Module, object]:
     layer_options = dict(grounding_layers=cfg.grounding_layers, deep_layers=cfg.deep_layers,
                          question_grounding_layers=cfg.question_grounding_layers,
                          question_aux_layer=(cfg.question_aux_layer,), match_layer=(cfg.match_layer,),
-                         relevance_layer=(cfg.relevance_layer,), copy_layer=(cfg.copy_layer,))
+                         relevance_layer=(cfg.relevance_layer,), copy_layer=(cfg.copy_layer,),
+                         frame_layer=(cfg.frame_layer,))
     for name, layers in layer_options.items():
         if any(i >= recipe.text_layers for i in layers):
             raise ValueError(f"{name}={layers!r} names a layer past the last of {cfg.model}'s {recipe.text_layers}")
@@ -233,7 +236,10 @@ def _make_heads(cfg: TrainConfig, recipe: TinyVLMConfig, model) -> tuple[_Heads,
     # With roles, the question's colour words tell at the layer below the copy layer whether they name the asked
     # object or the reference, so that the image tokens have an ordered question to copy from.
     word_role = heads(2, cfg.copy_roles)
-    return _Heads(patch, value, question, match, relevance, copy, word_role), grid
+    # Frame index: image tokens of a clip learn which frame they are in (drawn last, so the other recipes' heads
+    # and their random streams are unchanged).
+    frame = heads(recipe.frames, bool(cfg.frame_layer))
+    return _Heads(patch, value, question, match, relevance, copy, word_role, frame), grid
 
 
 def _tie_keys_to_queries(model, layers: tuple[int, ...]) -> None:
@@ -245,12 +251,14 @@ def _tie_keys_to_queries(model, layers: tuple[int, ...]) -> None:
 
 
 def _vision_warmup(cfg: TrainConfig, recipe: TinyVLMConfig, model, processor, head, captured: dict, options: dict,
-                   log: logging.Logger) -> None:
+                   log: logging.Logger, grid: int = 0) -> None:
     """Train the vision tower, projector and per-patch head alone (no language model) for `cfg.vision_steps` steps.
 
     An image-only step costs a fraction of a full one, and what the language model later needs first, every
     object's colour and shape in its own tokens, is exactly what the per-patch targets teach. Images come from the
     train split far past the range the language steps use (`VISION_DATA_START` on), so the two never share one.
+    A `video` step takes every frame of its `vision_batch_size` clips. With `grid` (position_aux) the head also
+    predicts each token's row and column.
     """
     from tqdm.auto import tqdm
 
@@ -262,14 +270,14 @@ def _vision_warmup(cfg: TrainConfig, recipe: TinyVLMConfig, model, processor, he
     for step in bar:
         samples = load_benchmark(recipe.benchmark, "train", cfg.vision_batch_size, seed=cfg.seed,
                                  start=VISION_DATA_START + step * cfg.vision_batch_size, **options)
-        inputs = processor.image_processor([s.image for s in samples], return_tensors="pt")
+        inputs = processor.image_processor([image for s in samples for image in s.images], return_tensors="pt")
         sizes = inputs.get("image_sizes")
         if recipe.arch in ("llava", "internvl"):  # internvl: every image's tiles, concatenated
             model.model.get_image_features(pixel_values=inputs["pixel_values"])
         else:
             model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes)
         features, targets = captured.pop("f"), aux_targets(samples, recipe, sizes)
-        loss = patch_loss(head, features, targets, recipe.benchmark, 0, object_focus=True)
+        loss = patch_loss(head, features, targets, recipe.benchmark, grid, object_focus=True)
         lr = optimizer.step(loss, step)
         colour, other = patch_accuracy(head, features, targets, recipe.benchmark)
         bar.set_postfix(loss=f"{loss.item():.3f}", colour=f"{colour:.2f}", shape=f"{other:.2f}")
@@ -295,9 +303,10 @@ def _crowding(cfg: TrainConfig, recipe: TinyVLMConfig, step: int) -> dict:
 
 
 def _dialogue(sample, cfg: TrainConfig) -> str:
-    """The sample's own question first (the test format), then extra turns about the same image."""
-    text = f"{format_prompt(sample.question, question_first=cfg.question_first)} {sample.answer}</s>"
-    for question, answer in extra_questions(sample, cfg.extra_questions, cfg.seed):
+    """The sample's own question first (the test format; one image placeholder per image), then extra turns about
+    the same image."""
+    text = f"{format_prompt(sample.question, len(sample.images), cfg.question_first)} {sample.answer}</s>"
+    for question, answer in extra_questions(sample, cfg.extra_questions, cfg.seed) if cfg.extra_questions else ():
         text += f"USER: {question} ASSISTANT: {answer}</s>"
     return text
 
@@ -309,7 +318,8 @@ def _batch(run: _Run, step: int) -> tuple[list, dict]:
                              start=(cfg.data_offset + step) * cfg.batch_size,
                              **run.options, **_crowding(cfg, run.recipe, step))
     texts = [_dialogue(s, cfg) for s in samples]
-    inputs = run.processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
+    images = [image for s in samples for image in s.images]  # a clip's frames in order
+    inputs = run.processor(images=images, text=texts, return_tensors="pt", padding=True)
     return samples, inputs
 
 
@@ -402,9 +412,11 @@ def _match_term(run: _Run, hidden_states, samples, ids: torch.Tensor, colon_at: 
                       named_classes(samples, run.recipe.benchmark), run.recipe.benchmark)
 
 
-def _role_losses(run: _Run, hidden_states, samples, ids: torch.Tensor, colon_at: torch.Tensor) -> torch.Tensor:
-    """Image tokens' roles at `relevance_layer`, the named classes at `copy_layer` (by role with copy_roles) and
-    the colour words' roles one layer below it, summed; 0 when all are off."""
+def _role_losses(run: _Run, hidden_states, samples, ids: torch.Tensor, colon_at: torch.Tensor
+                 ) -> tuple[torch.Tensor, float]:
+    """Image tokens' roles at `relevance_layer`, the named classes at `copy_layer` (by role with copy_roles), the
+    colour words' roles one layer below it and the image tokens' frame index at `frame_layer`, summed (0 when all
+    are off); and the accuracy of the frame index (NaN when off)."""
     cfg, heads = run.cfg, run.heads
     relevance = torch.zeros(())
     image_mask = ids == run.model.config.image_token_id  # (B, T)
@@ -425,7 +437,13 @@ def _role_losses(run: _Run, hidden_states, samples, ids: torch.Tensor, colon_at:
         colour_words, word_roles = colour_word_roles(samples, ids, run.colour_ids, colon_at)
         guess = heads.word_role[0](hidden_states[cfg.copy_layer - 1][colour_words])  # (n_words, 2)
         relevance = relevance + torch.nn.functional.cross_entropy(guess, word_roles)
-    return relevance
+    frame_accuracy = float("nan")
+    if len(heads.frame):
+        guess = heads.frame[0](hidden_states[cfg.frame_layer][image_mask])  # (sum n_b, frames)
+        frames = frame_targets(image_mask.sum(1), run.recipe.frames)  # (sum n_b,)
+        relevance = relevance + torch.nn.functional.cross_entropy(guess, frames)
+        frame_accuracy = (guess.argmax(-1) == frames).float().mean().item()
+    return relevance, frame_accuracy
 
 
 def _grounding_loss(run: _Run) -> torch.Tensor:
@@ -448,7 +466,7 @@ def _training_step(run: _Run, step: int) -> dict[str, float]:
     colon_at = ((ids[:, :-1] == run.assistant_id) & (ids[:, 1:] == run.colon_id)).int().argmax(1) + 1  # (B,)
     _aim_probes(run, samples, inputs, colon_at)
     output = model(**inputs, output_hidden_states=bool(cfg.deep_layers or cfg.question_aux_layer or cfg.match_layer
-                                                       or cfg.relevance_layer or cfg.copy_layer))
+                                                       or cfg.relevance_layer or cfg.copy_layer or cfg.frame_layer))
     answer_loss, first_acc = _answer_loss(run, output.logits, ids)
     patch_targets = aux_targets(samples, run.recipe, inputs.get("image_sizes"))
     features = run.captured.pop("f")
@@ -460,7 +478,7 @@ def _training_step(run: _Run, step: int) -> dict[str, float]:
     deep = _deep_loss(run, hidden, ids, colon_at)
     question_aux = _question_aux_loss(run, hidden, inputs, colon_at)
     match = _match_term(run, hidden, samples, ids, colon_at)
-    relevance = _role_losses(run, hidden, samples, ids, colon_at)
+    relevance, frame_accuracy = _role_losses(run, hidden, samples, ids, colon_at)
     grounding = _grounding_loss(run)
     loss = (relevance + match + answer_loss + cfg.aux_weight * aux + cfg.grounding_weight * grounding
             + cfg.value_aux_weight * value_aux + deep + question_aux * run.vocab / 8)
@@ -468,7 +486,7 @@ def _training_step(run: _Run, step: int) -> dict[str, float]:
     terms = dict(loss=answer_loss, aux=aux, ground=grounding, vaux=value_aux, deep=deep, q=question_aux, match=match,
                  rel=relevance)
     return {**{k: v.item() for k, v in terms.items()}, "acc": first_acc, "patch_colour": patch_colour,
-            "patch_shape": patch_shape, "lr": lr}
+            "patch_shape": patch_shape, "lr": lr, "frame_acc": frame_accuracy}
 
 
 # Reporting, evaluation, end of run -------------------------------------------------------------------------------
@@ -480,9 +498,10 @@ def _report_step(run: _Run, bar, step: int, m: dict[str, float], start: float) -
                     vaux=f"{m['vaux']:.3f}", deep=f"{m['deep']:.3f}", q=f"{m['q']:.3f}", match=f"{m['match']:.3f}",
                     rel=f"{m['rel']:.3f}", acc=f"{m['acc']:.2f}")
     run.log.info("step %d loss %.4f aux %.4f batch_acc %.3f ground %.4f value_aux %.4f deep %.4f question_aux %.4f "
-                 "match %.4f relevance %.4f object_colour_acc %.3f object_shape_acc %.3f lr %.2e elapsed %.0fs", step,
+                 "match %.4f relevance %.4f object_colour_acc %.3f object_shape_acc %.3f lr %.2e elapsed %.0fs%s", step,
                  m["loss"], m["aux"], m["acc"], m["ground"], m["vaux"], m["deep"], m["q"], m["match"], m["rel"],
-                 m["patch_colour"], m["patch_shape"], m["lr"], time.time() - start)
+                 m["patch_colour"], m["patch_shape"], m["lr"], time.time() - start,
+                 "" if m["frame_acc"] != m["frame_acc"] else f" frame_acc {m['frame_acc']:.3f}")
 
 
 def _evaluate_and_save(run: _Run, step: int, start: float, history: list, out: Path) -> None:

@@ -2,7 +2,7 @@
 classes a question names.
 
 Per-patch ids pack two label planes in one integer (`class_layout`): (colour, shape) as colour * 8 + shape on
-`shapes` and (mark colour, digit) as colour * 16 + digit on `docs`; 0 is background, -100 marks a token with no
+`shapes` and `video` (per frame) and (mark colour, digit) as colour * 16 + digit on `docs`; 0 is background, -100 marks a token with no
 target (the LLaVA-NeXT base view and row newlines, the InternVL thumbnail).
 """
 
@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from ...benchmarks.draw import COLORS, SHAPES, draw_shape
 from ...tiny_models import TinyVLMConfig
-from ..grounding import object_boxes, target_positions
+from ..grounding import is_clip, object_boxes, target_positions, video_frames
 
 __all__ = [
     "asked_classes",
@@ -24,6 +24,7 @@ __all__ = [
     "class_layout",
     "colour_word_roles",
     "draw_label_map",
+    "frame_targets",
     "internvl_tile_grid",
     "named_classes",
     "names_a_reference",
@@ -40,17 +41,20 @@ _SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 def class_layout(benchmark: str) -> tuple[int, int, int]:
     """(packing base, colour classes, shape / digit classes) of the per-patch ids (see `draw_label_map`): ids pack
     (colour, shape) as colour * 8 + shape on `shapes` and (mark colour, digit) as colour * 16 + digit on `docs`;
-    both class counts include "none"."""
-    if benchmark == "shapes":
+    both class counts include "none". `video` frames are labelled as `shapes` scenes."""
+    if benchmark in ("shapes", "video"):
         return 8, 1 + len(COLORS), 1 + len(SHAPES)
     return 16, 1 + len(COLORS), 1 + 10
 
 
 def draw_label_map(sample, size: tuple[int, int]) -> np.ndarray:
-    """Per-pixel class ids, (H, W) int64, of what the generator drew (see `patch_labels`)."""
+    """Per-pixel class ids, (H, W) int64, of what the generator drew (see `patch_labels`); for `video`, of one
+    frame (`grounding.video_frames`)."""
     width, height = size
     meta = sample.meta
-    if meta["benchmark"] == "shapes":
+    if is_clip(sample):
+        raise ValueError("a video sample has one label map per frame: draw those of grounding.video_frames(sample)")
+    if meta["benchmark"] in ("shapes", "video"):
         # Two label planes packed in one id: colour * 8 + shape (ids < 8).
         canvas = Image.new("I", (width, height), 0)
         draw = ImageDraw.Draw(canvas)
@@ -121,7 +125,8 @@ def _internvl_tiles(sample, recipe: TinyVLMConfig) -> list[np.ndarray]:
 def aux_targets(samples, recipe: TinyVLMConfig, image_sizes) -> torch.Tensor:
     """Per-vision-token targets in the projector's output order; -100 where there is no target.
 
-    llava: (B, N) for N = (image_size / patch)^2. llava_next: (sum of crops, n) with the base image first
+    llava: (B, N) for N = (image_size / patch)^2; for `video`, (B * frames, N), each sample's frames in order
+    (the processor's order of the images). llava_next: (sum of crops, n) with the base image first
     per sample (ignored: it is a down-scaled view) and then the grid crops in row-major order. internvl: (sum of
     tiles, n) with the crops row-major and then the thumbnail (ignored) per sample (`_internvl_tiles`).
     """
@@ -129,7 +134,7 @@ def aux_targets(samples, recipe: TinyVLMConfig, image_sizes) -> torch.Tensor:
     rows = []
     for k, s in enumerate(samples):
         if recipe.arch == "llava":
-            rows.append(patch_labels(draw_label_map(s, (side, side)), p, min_pixels=6).reshape(-1))
+            rows += [patch_labels(draw_label_map(f, (side, side)), p, min_pixels=6).reshape(-1) for f in _scenes(s)]
             continue
         if recipe.arch == "internvl":
             rows += _internvl_tiles(s, recipe)
@@ -150,7 +155,7 @@ def aux_targets(samples, recipe: TinyVLMConfig, image_sizes) -> torch.Tensor:
 def sequence_targets(samples, recipe: TinyVLMConfig) -> list[torch.Tensor]:
     """Per sample, the per-patch ids of `aux_targets` in the order of the image tokens in the prompt; (n_b,).
 
-    llava: the grid in row-major order. llava_next (page equal to a pinpoint, no unpadding): the base view
+    llava: the grid in row-major order (`video`: frame after frame). llava_next (page equal to a pinpoint, no unpadding): the base view
     (-100, a down-scaled copy), then the full-resolution grid row by row, each row followed by its newline (-100).
     internvl: tile after tile as `aux_targets` has them (the thumbnail last, -100).
     """
@@ -158,7 +163,8 @@ def sequence_targets(samples, recipe: TinyVLMConfig) -> list[torch.Tensor]:
     out = []
     for s in samples:
         if recipe.arch == "llava":
-            out.append(torch.from_numpy(patch_labels(draw_label_map(s, (side, side)), p, min_pixels=6).reshape(-1)))
+            out.append(torch.from_numpy(np.concatenate([patch_labels(draw_label_map(f, (side, side)), p,
+                                                                     min_pixels=6).reshape(-1) for f in _scenes(s)])))
             continue
         if recipe.arch == "internvl":
             out.append(torch.from_numpy(np.concatenate(_internvl_tiles(s, recipe))))
@@ -171,11 +177,24 @@ def sequence_targets(samples, recipe: TinyVLMConfig) -> list[torch.Tensor]:
     return out
 
 
+def _scenes(sample) -> list:
+    """The one-image scenes of a sample: its frames for `video`, else the sample itself."""
+    return video_frames(sample) if is_clip(sample) else [sample]
+
+
+def frame_targets(n_vision: torch.Tensor, frames: int) -> torch.Tensor:
+    """Per image token, the index of the frame it belongs to, for samples of `frames` images with the same number
+    of tokens each, concatenated in batch order; n_vision: (B,) image tokens per sample -> (sum n_vision,) long."""
+    if bool((n_vision % frames).any()):
+        raise RuntimeError(f"image tokens per sample {n_vision.tolist()} are not a multiple of frames={frames}")
+    return torch.cat([torch.arange(frames).repeat_interleave(int(n) // frames) for n in n_vision])
+
+
 def asked_classes(sample, benchmark: str) -> tuple[list[int], list[int]]:
     """Class ids (as in `draw_label_map`'s two planes) of the colours and of the shapes / digits the question names."""
     words = sample.question.split()
     colours = [_COLOR_IDS[w] for w in words if w in _COLOR_IDS]
-    if benchmark == "shapes":
+    if benchmark in ("shapes", "video"):
         return colours, [_SHAPE_IDS[w] for w in words if w in _SHAPE_IDS]
     return colours, [1 + int(w) for w in words if w.isdigit()]
 
@@ -192,9 +211,13 @@ def relevance_targets(sample, n_vision: int, config) -> torch.Tensor:
 
     With the question before the image, every image token can work out its own role from the question and its own
     content (a local test), so the answer position only has to find the tokens that flagged themselves. Boxes are
-    `meta["target_boxes"]` in the generator's order (for `position`, the asked object first).
+    `meta["target_boxes"]` in the generator's order (for `position`, the asked object first). In a `video` clip
+    the asked object is the actor, in every frame where it is visible.
     """
     roles = torch.zeros(n_vision, dtype=torch.long)
+    if is_clip(sample):
+        roles[target_positions(sample, torch.arange(n_vision), config)] = 1
+        return roles
     reference = 1 if names_a_reference(sample) else None
     for i, box in enumerate(sample.meta["target_boxes"]):
         one = replace(sample, meta={**sample.meta, "target_boxes": [box]})
