@@ -191,6 +191,52 @@ class ModelAdapter:
         raise NotImplementedError(f"{type(self).__name__} has no token layout for "
                                   f"{getattr(self.model.config, 'model_type', '?')}")
 
+    def batch_token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """`token_layout` for a whole batch of processor outputs: every vision token of every prompt, prompts in
+        batch order, images numbered across the batch. The default is `token_layout` itself, right for families
+        whose layout reads every image of the inputs; a family whose layout reads one prompt overrides it."""
+        return self.token_layout(inputs)
+
+    # ---- the vision tower, for before-the-LLM methods that read it -------------------------------------------
+    #: Whether the tower's sequences start with a CLS token (its attention ranks patches).
+    vision_has_cls: ClassVar[bool] = True
+
+    def vision_attention_modules(self) -> list[nn.Module] | None:
+        """The vision tower's self-attention modules, first layer first (pre-hooks on them read q/k); None when the
+        family's tower is not understood. Default: CLIP-style `vision_tower.encoder.layers[i].self_attn`."""
+        tower = self.vision_tower
+        encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+        layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+        if layers is None:
+            return None
+        modules = [getattr(layer, "self_attn", None) or getattr(layer, "attention", None) for layer in layers]
+        return None if any(m is None for m in modules) else modules
+
+    def vision_query_keys(self, attention: nn.Module, hidden: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """From a tower attention module's input (N, S, D): the first token's query (N, H, hd), every token's key
+        (N, H, S, hd) and the logit scale, recomputed from the module's own projections (any attention
+        implementation). Default: separate `q_proj` / `k_proj` (CLIP, SigLIP), optional `q_norm` / `k_norm`."""
+        batch, seq, _ = hidden.shape
+        heads = getattr(attention, "num_heads", None) or attention.config.num_attention_heads
+        head_dim = getattr(attention, "head_dim", None) or hidden.shape[-1] // heads
+        query = attention.q_proj(hidden[:, :1])
+        key = attention.k_proj(hidden)
+        if getattr(attention, "q_norm", None) is not None and not isinstance(attention.q_norm, nn.Identity):
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query = query.view(batch, heads, head_dim)  # (N, H, hd)
+        key = key.view(batch, seq, heads, head_dim).transpose(1, 2)  # (N, H, S, hd)
+        scale = getattr(attention, "scale", None) or getattr(attention, "scaling", None) or head_dim ** -0.5
+        return query, key, float(scale)
+
+    def tower_patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of patches the tower sees per panel (CLS excluded)."""
+        vision = self.model.config.vision_config
+        size, patch = vision.image_size, vision.patch_size
+        size = size if isinstance(size, (list, tuple)) else (size, size)
+        patch = patch if isinstance(patch, (list, tuple)) else (patch, patch)
+        return size[0] // patch[0], size[1] // patch[1]
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) output of the last decoder layer -> (..., V) logits (final norm, then the LM head)."""
         return self.model.get_output_embeddings()(self.text_model.norm(hidden))

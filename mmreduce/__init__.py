@@ -25,6 +25,7 @@ from .methods import (
 )
 from .spec import MethodSpec, fit_equivalent, parse_spec
 from .stats import ReductionStats
+from .vit_merge import patch_vit, unpatch_vit
 
 __version__ = "0.1.0"
 
@@ -50,9 +51,11 @@ __all__ = [
     "method_class",
     "paper_tflops",
     "parse_spec",
+    "patch_vit",
     "prefill_flops",
     "register_method",
     "resume_prefix",
+    "unpatch_vit",
     "unwrap",
     "wrap",
 ]

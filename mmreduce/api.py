@@ -13,6 +13,7 @@ from mmreduce.adapters import ModelAdapter, get_adapter
 
 from .engine import LayerPrefix, Reducer
 from .methods.base import ReductionMethod, create_method
+from .methods.compose import Compose
 from .stats import ReductionStats
 
 __all__ = ["LayerPrefix", "ReducedModel", "capture_prefix", "resume_prefix", "unwrap", "wrap"]
@@ -28,11 +29,11 @@ class ReducedModel:
     prefill (and the decode steps after it). Use `unwrap()` or a `with` block to take the hooks out again.
     """
 
-    def __init__(self, model: nn.Module, method: ReductionMethod, adapter: ModelAdapter):
+    def __init__(self, model: nn.Module, method: ReductionMethod, adapter: ModelAdapter, positions: str = "original"):
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "adapter", adapter)
-        object.__setattr__(self, "_reducer", Reducer(model, method, adapter))
+        object.__setattr__(self, "_reducer", Reducer(model, method, adapter, positions))
         self._reducer.install()
 
     @property
@@ -45,6 +46,7 @@ class ReducedModel:
 
     def __call__(self, *args, **kwargs):
         self._check_live()
+        self._reducer.note_call(kwargs)
         return self.model(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -54,6 +56,7 @@ class ReducedModel:
         """`model.generate(...)`; without a cache the scoring query stays the last prompt token at every step, so
         `use_cache=False` selects the same tokens as the cached run."""
         self._check_live()
+        self._reducer.note_call(kwargs)
         self._reducer.start_generate()
         start = time.perf_counter()
         try:
@@ -93,17 +96,22 @@ class ReducedModel:
 
 def wrap(
     model: nn.Module,
-    method: ReductionMethod | str,
+    method: ReductionMethod | str | list,
     *,
     adapter: ModelAdapter | type[ModelAdapter] | str | None = None,
+    positions: str = "original",
     **method_kwargs: Any,
 ) -> ReducedModel:
     """Hooks vision-token reduction into a stock Hugging Face VLM.
 
     Args:
         model: e.g. `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration`.
-        method: a registered name (`mmreduce.list_methods()`) or a method object.
+        method: a registered name (`mmreduce.list_methods()`), a method object, or a pair [before-the-LLM method,
+            in-LLM method] (names or objects) that runs both (`Compose`).
         adapter: override the adapter chosen from `model.config.model_type`.
+        positions: where a before-the-LLM method's kept tokens sit for RoPE: "original" (the positions they had in
+            the full prompt; text after the image keeps its positions too) or "packed" (the shortened prompt is
+            numbered afresh, as the papers do; one-axis RoPE only).
         **method_kwargs: fields of the method's dataclass (only with a method name).
 
     Returns:
@@ -118,14 +126,22 @@ def wrap(
             f"{type(model).__name__} is already wrapped with {_WRAPPED[model].method.describe()}; "
             "call mmreduce.unwrap(model) first"
         )
-    if isinstance(method, str):
+    if isinstance(method, (list, tuple)):
+        if method_kwargs:
+            raise TypeError(f"keyword arguments {sorted(method_kwargs)} are only accepted with one method name; "
+                            "pass method objects in the list")
+        if len(method) != 2:
+            raise ValueError(f"a composed method is [before-the-LLM method, in-LLM method], got {len(method)} items")
+        before, inside = (create_method(m) if isinstance(m, str) else m for m in method)
+        method = Compose(before, inside)
+    elif isinstance(method, str):
         method = create_method(method, **method_kwargs)
     elif isinstance(method, ReductionMethod):
         if method_kwargs:
             raise TypeError(f"keyword arguments {sorted(method_kwargs)} are only accepted with a method name")
     else:
         raise TypeError(f"method must be a registered name or a ReductionMethod, got {type(method).__name__}")
-    reduced = ReducedModel(model, method, get_adapter(model, adapter))
+    reduced = ReducedModel(model, method, get_adapter(model, adapter), positions)
     _WRAPPED[model] = reduced
     return reduced
 

@@ -29,6 +29,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .before_llm import POSITION_MODES, BeforeRecord, TowerProbe, plan_batch, rewrite_decode, rewrite_prefill, \
+    token_signals
 from .flops import ModelDims
 from .methods.base import DropStage, ReductionMethod, ScoreContext, top_k_sorted
 from .stats import ReductionStats
@@ -53,6 +55,7 @@ class _CacheRecord:
 
     prefill_length: int
     groups: list[_Group]
+    before: BeforeRecord | None = None
 
 
 @dataclass
@@ -75,6 +78,11 @@ class _PrefillRun:
     counts: list[torch.Tensor] = field(default_factory=list)  # per layer, (B,) vision tokens entering it
     kept_positions: dict = field(default_factory=dict)
     selection_s: float = 0.0
+    before: BeforeRecord | None = None
+
+    def caller_positions(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) positions in this run's prompt -> positions in the prompt the caller's forward produced."""
+        return index if self.before is None else self.before.to_caller(index)
 
     def query_index(self) -> torch.Tensor:
         """(B,) position of the last prompt token in the current stream (it is never dropped)."""
@@ -119,8 +127,15 @@ class _StopForward(Exception):
 class Reducer:
     """Installs the hooks of one (model, method) pair; `remove()` takes every one of them away again."""
 
-    def __init__(self, model: nn.Module, method: ReductionMethod, adapter):
+    def __init__(self, model: nn.Module, method: ReductionMethod, adapter, positions: str = "original"):
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         self.model, self.method, self.adapter = model, method, adapter
+        self.positions = positions
+        self.before = method.before_stage()
+        requests = self.before.signal_requests() if self.before is not None else []
+        self._tower_probe = TowerProbe(adapter, requests) if requests else None
+        self._call_inputs: dict = {}
         self.layers = adapter.decoder_layers()
         self.num_layers = len(self.layers)
         self.stages: list[DropStage] = method.check_stages(self.num_layers)
@@ -156,6 +171,8 @@ class Reducer:
             if tower is not None:
                 add(tower.register_forward_pre_hook(self._on_vision_start))
                 add(tower.register_forward_hook(self._on_vision_end))
+            if self._tower_probe is not None:
+                self._tower_probe.install()
         except BaseException:
             self.remove()
             raise
@@ -163,8 +180,16 @@ class Reducer:
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        if self._tower_probe is not None:
+            self._tower_probe.remove()
         self._run = None
         self._pending_input = None
+        self._call_inputs = {}
+
+    def note_call(self, inputs: dict) -> None:
+        """The caller's keyword inputs of a forward or generate() (processor outputs): where the token layout of a
+        before-the-LLM method comes from, since generate() pops the pixel inputs before the first forward."""
+        self._call_inputs = {key: value for key, value in inputs.items() if value is not None}
 
     def start_generate(self) -> None:
         """Called by `ReducedModel.generate` before it runs: the next prefill fixes the prompt length."""
@@ -224,6 +249,8 @@ class Reducer:
     # ---- hooks ------------------------------------------------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not self.generating and any(key.startswith("pixel_values") for key in kwargs):
+            self._call_inputs = {key: value for key, value in kwargs.items() if value is not None}
         vision = self.adapter.vision_mask(input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"))
         self._pending_input = (vision, input_ids, kwargs.get("attention_mask"))
 
@@ -255,11 +282,16 @@ class Reducer:
         self._phase = "decode" if past > 0 or recompute else "prefill"
         if past > 0:
             record = self._records.get(cache)
-            if record is not None:
-                check_dynamic_cache(cache)
+            if record is None:
+                return None
+            check_dynamic_cache(cache)
+            if record.before is not None:
+                kwargs = rewrite_decode(kwargs, record.before, past)
+                attention_mask = kwargs.get("attention_mask")
+            if record.groups:
                 full_mask = _as_2d_mask(attention_mask, batch, past + length, reference.device)
                 self._run = _DecodeRun(record, full_mask, cache)
-            return
+            return (args, kwargs) if record.before is not None else None
         vision = pending[0] if pending is not None else None
         if vision is not None and tuple(vision.shape) != (batch, length):
             vision = None  # the text model was called with other inputs than the multimodal module saw
@@ -285,13 +317,31 @@ class Reducer:
             stats.note = "no image tokens in the prompt: ran unreduced"
             return
         check_dynamic_cache(cache)
-        self.method.check_inputs(initial)
         positions = torch.arange(length, device=reference.device)
         last_valid = torch.where(input_mask, positions, -1).max(dim=1).values
         if self.prompt_length is not None and length >= self.prompt_length:
             query = torch.full_like(last_valid, self.prompt_length - 1)
         else:
             query = last_valid
+        seeds = _sample_seeds(*(pending[1:] if pending is not None else (None, None)), input_mask, query,
+                              self._prompt_ids_length if self.prompt_length is not None else None)
+        before = None
+        if self.before is not None:
+            if embeds is None:
+                raise ValueError("a before-the-LLM method needs the text model to receive inputs_embeds (the "
+                                 "family's merged image features); it got input_ids only")
+            start = self._now(embeds)
+            kwargs, before, vision, input_mask, extra = self._reduce_before(kwargs, embeds, vision, input_mask, seeds)
+            stats.extra_flops = extra
+            if before is not None:
+                stats.kept_positions[0] = [row[vis].tolist() for row, vis in zip(before.gather, vision)]
+                length = before.new_length
+                positions = torch.arange(length, device=reference.device)
+                query = (before.gather == query[:, None]).float().argmax(dim=1)
+            stats.selection_ms = (self._now(embeds) - start) * 1e3
+        initial = vision.sum(dim=1)
+        stats.vision_tokens_per_layer = [[n] * self.num_layers for n in initial.tolist()]
+        self.method.check_inputs(initial)
         self._run = _PrefillRun(
             batch=batch,
             length=length,
@@ -299,13 +349,18 @@ class Reducer:
             initial_vision=initial,
             query_original=query,
             pad_offset=input_mask.float().argmax(dim=1),
-            sample_seed=_sample_seeds(*(pending[1:] if pending is not None else (None, None)), input_mask, query,
-                                      self._prompt_ids_length if self.prompt_length is not None else None),
+            sample_seed=seeds,
             cache=cache,
             index=positions.expand(batch, -1),
             valid=input_mask,
             vision=vision,
+            before=before,
+            kept_positions=dict(stats.kept_positions),
+            selection_s=stats.selection_ms / 1e3,
         )
+        if before is not None:
+            return args, kwargs
+        return None
 
     def _layer_hook(self, layer_idx: int, layer: nn.Module):
         def hook(module, args, kwargs):
@@ -388,8 +443,9 @@ class Reducer:
         run.group_kwargs = self.adapter.gather_layer_kwargs(run.full_kwargs, run.index)
         run.group_kwargs["attention_mask"] = self._layer_mask(layer_idx, hidden, new_valid, run.cache)
         run.groups.append(_Group(layer_idx, run.index, new_valid))
+        caller_index = run.caller_positions(run.index)
         run.kept_positions[layer_idx] = [
-            run.index[row][run.vision[row]].tolist() for row in range(run.batch)
+            caller_index[row][run.vision[row]].tolist() for row in range(run.batch)
         ]
         run.selection_s += self._now(hidden) - start
         return hidden
@@ -423,21 +479,62 @@ class Reducer:
             return None
         if self._phase == "prefill":
             stats = self.stats
-            stats.reduced = bool(run.groups)
-            stats.note = "" if stats.reduced else ("the method drops nothing" if not self.stages else "nothing dropped")
+            stats.reduced = bool(run.groups) or bool(run.before is not None and run.before.removed.any())
+            stats.note = "" if stats.reduced else (
+                "the method drops nothing" if not self.stages and self.before is None else "nothing dropped")
             stats.vision_tokens_per_layer = torch.stack(run.counts, dim=1).tolist()  # (B, L)
             stats.kept_positions = run.kept_positions
             stats.selection_ms = run.selection_s * 1e3
-        if run.cache is not None and run.groups:
-            self._records[run.cache] = _CacheRecord(run.length, run.groups)
-        if not run.groups:
+        if run.cache is not None and (run.groups or run.before is not None):
+            self._records[run.cache] = _CacheRecord(run.length, run.groups, run.before)
+        if not run.groups and run.before is None:
             return None
         last = output.last_hidden_state  # (B, T_last, D)
-        full = last.new_zeros(run.batch, run.length, last.shape[-1])  # (B, T, D)
-        rows = torch.arange(run.batch, device=last.device)[:, None].expand_as(run.index)
-        full[rows[run.valid], run.index[run.valid]] = last[run.valid]
-        output.last_hidden_state = full
+        if run.groups:
+            full = last.new_zeros(run.batch, run.length, last.shape[-1])  # (B, T', D)
+            rows = torch.arange(run.batch, device=last.device)[:, None].expand_as(run.index)
+            full[rows[run.valid], run.index[run.valid]] = last[run.valid]
+            last = full
+        if run.before is not None:
+            # Back to the caller's prompt length: logits line up with the caller's input_ids (dropped = zeros).
+            before = run.before
+            full = last.new_zeros(run.batch, before.length + last.shape[1] - before.new_length, last.shape[-1])
+            rows = torch.arange(run.batch, device=last.device)[:, None].expand_as(before.gather)
+            full[rows[before.valid], before.gather[before.valid]] = last[:, :before.new_length][before.valid]
+            full[:, before.length:] = last[:, before.new_length:]
+            last = full
+        output.last_hidden_state = last
         return output
+
+    def _reduce_before(self, kwargs: dict, embeds: torch.Tensor, vision: torch.Tensor, input_mask: torch.Tensor,
+                       seeds: torch.Tensor):
+        """Runs the before-the-LLM method on a prefill; returns the text model's new kwargs, the record, the
+        (B, T') vision and prompt masks of the shortened prompt, and the method's extra FLOPs per sample."""
+        batch = embeds.shape[0]
+        cells = signals = None
+        if self.before.needs_layout or self._tower_probe is not None:
+            cells_all, grids = self._layout()
+            cells = _split_rows(cells_all, vision.sum(dim=1).tolist(), batch)
+            if self._tower_probe is not None:
+                per_token = token_signals(self._tower_probe, self.adapter, cells_all, grids)
+                signals = _split_signal_rows(per_token, vision.sum(dim=1).tolist(), batch)
+        keep, merged, extra = plan_batch(self.before, embeds, vision, cells, signals or {}, seeds)
+        if torch.equal(keep, vision) and torch.equal(merged, embeds):
+            return kwargs, None, vision, input_mask, extra  # keeps everything: the stock prompt, untouched
+        keep_all = (input_mask & ~vision) | keep
+        gather, valid = _compact(keep_all)
+        new_kwargs, record = rewrite_prefill(kwargs, merged, keep_all, gather, valid, input_mask, self.positions,
+                                             self.adapter.per_token_layer_kwargs)
+        new_vision = vision.gather(1, gather) & valid
+        return new_kwargs, record, new_vision, valid, extra
+
+    def _layout(self):
+        """(cells, grids) of every vision token of the caller's batch, from the caller's processor outputs."""
+        if not self._call_inputs:
+            raise ValueError(f"{self.before.name} needs the token layout of the images (crops, tiles, frames), "
+                             "which comes from the processor outputs: call the ReducedModel that wrap() returned "
+                             "(its generate() or forward) with them")
+        return self.adapter.batch_token_layout(self._call_inputs)
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _layer_mask(self, layer_idx: int, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Cache | None):
@@ -526,6 +623,40 @@ def _copy_run(run: _PrefillRun | None) -> _PrefillRun | None:
         return None
     return dataclasses.replace(run, counts=list(run.counts), kept_positions=dict(run.kept_positions),
                                groups=list(run.groups), pending=dict(run.pending), group_kwargs=dict(run.group_kwargs))
+
+
+def _split_rows(cells: list, counts: list[int], batch: int) -> list[list]:
+    """Per text-model row, its vision tokens' cells: `cells` lists the caller's samples in order; rows beyond the
+    caller's batch (beam search repeats each sample) map to sample row // (batch // samples)."""
+    samples, start = [], 0
+    per_sample = _caller_counts(counts, batch, len(cells))
+    for count in per_sample:
+        samples.append(cells[start:start + count])
+        start += count
+    repeat = batch // len(per_sample)
+    return [samples[row // repeat] for row in range(batch)]
+
+
+def _split_signal_rows(signals: dict, counts: list[int], batch: int) -> list[dict]:
+    """`_split_rows` for a dict of per-token tensors."""
+    total = next(iter(signals.values())).shape[0]
+    per_sample = _caller_counts(counts, batch, total)
+    offsets = np.cumsum([0, *per_sample]).tolist()
+    repeat = batch // len(per_sample)
+    return [{key: value[offsets[row // repeat]:offsets[row // repeat + 1]] for key, value in signals.items()}
+            for row in range(batch)]
+
+
+def _caller_counts(counts: list[int], batch: int, total: int) -> list[int]:
+    """Vision tokens per caller sample, from the per-row counts of a batch that may repeat samples (beams)."""
+    for samples in range(1, batch + 1):
+        if batch % samples == 0:
+            repeat = batch // samples
+            per_sample = counts[::repeat]
+            if sum(per_sample) == total and all(counts[i] == per_sample[i // repeat] for i in range(batch)):
+                return per_sample
+    raise ValueError(f"the layout lists {total} vision tokens, but the prompts hold {counts}; the processor outputs "
+                     "passed to the call do not describe these prompts")
 
 
 def _last_position(hidden: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,9 @@ class ReductionStats:
             sees (the padded `input_ids`, or the prompt after placeholders were expanded for families that expand
             them before the LLM): what `kept_positions` index into.
         kept_positions: decoder layer where a drop takes effect -> per sample, sorted indices (as
-            `vision_positions`) of the vision tokens entering that layer.
+            `vision_positions`) of the vision tokens entering that layer; layer 0 holds what a before-the-LLM method
+            kept (a merged token sits where the first of its tokens was).
+        extra_flops: per sample, what a before-the-LLM method spent choosing and merging (in `prefill_flops`).
         vision_ms / prefill_ms: wall time of the vision tower and of the LLM prefill.
         decode_ms / decode_steps: total LLM decode time and number of decode calls since the prefill.
         selection_ms: time spent scoring and selecting tokens (part of prefill_ms).
@@ -40,6 +42,7 @@ class ReductionStats:
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
     vision_positions: list[list[int]] = field(default_factory=list)
     kept_positions: dict[int, list[list[int]]] = field(default_factory=dict)
+    extra_flops: list[float] = field(default_factory=list)
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
@@ -70,6 +73,7 @@ class ReductionStats:
         reduced = baseline = 0.0
         for sample in range(len(self.vision_tokens_per_layer)):
             reduced += prefill_flops(self.tokens_per_layer(sample), self.dims, convention)
+            reduced += self.extra_flops[sample] if sample < len(self.extra_flops) else 0.0
             full = self.text_tokens[sample] + self.initial_vision_tokens[sample]
             baseline += prefill_flops([full] * self.num_layers, self.dims, convention)
         return reduced, baseline
@@ -92,6 +96,7 @@ class ReductionStats:
             "vision_tokens_per_layer": self.vision_tokens_per_layer,
             "vision_positions": self.vision_positions,
             "kept_positions": {str(k): v for k, v in self.kept_positions.items()},
+            "extra_flops": self.extra_flops,
             "equivalent_vision_tokens": self.equivalent_vision_tokens,
             "prefill_flops": self.prefill_flops,
             "baseline_prefill_flops": self.baseline_prefill_flops,

@@ -3,20 +3,31 @@
 from .base import (DropStage, ReductionMethod, ScoreContext, check_layer, check_ratio, create_method, list_methods,
                    method_class, register_method, top_k_sorted)
 from .baseline import Baseline
+from .before import BeforeLLMMethod, SignalRequest, TokenPlan, VisionTokens
+from .compose import Compose
 from .fastv import FastV
 from .pdrop import PyramidDrop, default_pdrop_layers
+from .pool import Pool
 from .random import Random
 from .schedule import Schedule
+from .stride import Stride
 
 __all__ = [
     "Baseline",
+    "BeforeLLMMethod",
+    "Compose",
     "DropStage",
     "FastV",
+    "Pool",
     "PyramidDrop",
     "Random",
     "ReductionMethod",
     "Schedule",
     "ScoreContext",
+    "SignalRequest",
+    "Stride",
+    "TokenPlan",
+    "VisionTokens",
     "create_method",
     "default_pdrop_layers",
     "list_methods",

@@ -181,6 +181,11 @@ class ReductionMethod:
         """The drop boundaries for a decoder with `num_layers` layers (validated by `check_stages`)."""
         raise NotImplementedError
 
+    def before_stage(self) -> "ReductionMethod | None":
+        """The part of the method that reduces vision features before the language model (a `BeforeLLMMethod`),
+        or None for a method that works inside the LLM only."""
+        return None
+
     def check_inputs(self, initial_vision: torch.Tensor) -> None:
         """Called at every prefill with (B,) vision tokens per sample; raise ValueError for inputs it cannot serve."""
 
