@@ -47,7 +47,10 @@ class ReducedModel:
     def __call__(self, *args, **kwargs):
         self._check_live()
         self._reducer.note_call(kwargs)
-        return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._reducer.note_call({})
 
     def forward(self, *args, **kwargs):
         return self(*args, **kwargs)
@@ -56,6 +59,14 @@ class ReducedModel:
         """`model.generate(...)`; without a cache the scoring query stays the last prompt token at every step, so
         `use_cache=False` selects the same tokens as the cached run."""
         self._check_live()
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+        if chunk is not None and self._reducer.reduces:
+            raise ValueError(
+                f"prefill_chunk_size={chunk} splits the prompt over several forwards, and mmreduce reduces one whole "
+                "prefill at a time (a chunk would be reduced without the rest of the image); pass "
+                "prefill_chunk_size=None"
+            )
         self._reducer.note_call(kwargs)
         self._reducer.start_generate()
         start = time.perf_counter()
@@ -63,6 +74,7 @@ class ReducedModel:
             output = self.model.generate(*args, **kwargs)
         finally:
             self._reducer.end_generate()
+            self._reducer.note_call({})
         self._reducer.stats.generate_ms = (time.perf_counter() - start) * 1e3
         return output
 

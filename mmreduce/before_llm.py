@@ -166,6 +166,9 @@ def plan_batch(method: BeforeLLMMethod, embeds: torch.Tensor, vision: torch.Tens
     extra: list[float] = []
     for row in range(embeds.shape[0]):
         positions = vision[row].nonzero().flatten()  # (n,)
+        if positions.numel() == 0:
+            extra.append(0.0)
+            continue
         tokens = VisionTokens(embeds[row, positions], cells[row] if cells is not None else None,
                               signals[row] if signals else {}, int(seeds[row]))
         plan: TokenPlan = method.plan_sample(tokens)

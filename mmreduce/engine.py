@@ -186,6 +186,11 @@ class Reducer:
         self._pending_input = None
         self._call_inputs = {}
 
+    @property
+    def reduces(self) -> bool:
+        """Whether the method changes anything (drop stages inside the LLM or a before-the-LLM stage)."""
+        return bool(self.stages) or self.before is not None
+
     def note_call(self, inputs: dict) -> None:
         """The caller's keyword inputs of a forward or generate() (processor outputs): where the token layout of a
         before-the-LLM method comes from, since generate() pops the pixel inputs before the first forward."""
@@ -249,8 +254,9 @@ class Reducer:
     # ---- hooks ------------------------------------------------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if not self.generating and any(key.startswith("pixel_values") for key in kwargs):
-            self._call_inputs = {key: value for key, value in kwargs.items() if value is not None}
+        if not self.generating:  # a plain forward: its own kwargs describe its images (none: no stale layout)
+            pixels = any(key.startswith("pixel_values") for key in kwargs)
+            self._call_inputs = {key: value for key, value in kwargs.items() if value is not None} if pixels else {}
         vision = self.adapter.vision_mask(input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"))
         self._pending_input = (vision, input_ids, kwargs.get("attention_mask"))
 
@@ -282,6 +288,13 @@ class Reducer:
         self._phase = "decode" if past > 0 or recompute else "prefill"
         if past > 0:
             record = self._records.get(cache)
+            vision_now = pending[0] if pending is not None else None
+            if self.reduces and vision_now is not None and bool(vision_now.any()):
+                raise ValueError(
+                    "vision tokens arrived in a forward that continues a cache (a prefill split over several "
+                    "forwards, e.g. prefill chunking, or a new image in a later turn); mmreduce reduces one whole "
+                    "prefill at a time: send the prompt in one forward (prefill_chunk_size=None) or start a new cache"
+                )
             if record is None:
                 return None
             check_dynamic_cache(cache)

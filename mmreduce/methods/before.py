@@ -128,8 +128,9 @@ class TokenPlan:
 
 
 def keep_count(ratio: float, available: int) -> int:
-    """⌈ratio·available⌉ with a tolerance for float error (0.25·576 gives 144), at least 1 and at most `available`."""
-    return max(1, min(available, math.ceil(ratio * available - 1e-9)))
+    """⌈ratio·available⌉ with a tolerance for float error (0.25·576 gives 144), at least 1 (0 of 0) and at most
+    `available`."""
+    return min(available, max(1, math.ceil(ratio * available - 1e-9)))
 
 
 def group_by_panel(cells: list["TokenCell"]) -> dict[tuple[int, int], list[int]]:
