@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .methods.base import ReductionMethod, create_method, list_methods, method_class
+from .methods.compose import Compose
 
-__all__ = ["BudgetUnreachable", "MethodSpec", "fit_equivalent", "parse_spec"]
+__all__ = ["THEN", "BudgetUnreachable", "MethodSpec", "fit_equivalent", "parse_spec"]
 
 
 class BudgetUnreachable(ValueError):
@@ -27,15 +28,28 @@ class BudgetUnreachable(ValueError):
     keep every token): a property of the budget and the model, reported as a skipped row by comparisons."""
 
 
+#: Joins a before-the-LLM method and an in-LLM one in one SPEC: `visionzip:keep_ratio=0.5 then pdrop`.
+THEN = " then "
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """A parsed SPEC; a composed one (`A then B`) has name "compose", `parts` (A's spec, B's spec) and no kwargs."""
+
     name: str
     kwargs: tuple[tuple[str, Any], ...] = ()
     equivalent: float | None = None
     text: str = ""
+    parts: tuple["MethodSpec", ...] = ()
 
     def build(self, num_layers: int | None = None, vision_tokens: int | None = None) -> ReductionMethod:
-        """The method object; fits `keep_ratio` when an equivalent budget was asked for."""
+        """The method object; fits `keep_ratio` when an equivalent budget was asked for (in a composed SPEC, each
+        part's budget is of the tokens that reach it)."""
+        if self.parts:
+            before_spec, inside_spec = self.parts
+            before = before_spec.build(num_layers, vision_tokens)
+            remaining = before.kept_tokens(vision_tokens) if vision_tokens is not None else None
+            return Compose(before, inside_spec.build(num_layers, remaining))
         kwargs = dict(self.kwargs)
         if self.equivalent is None:
             return create_method(self.name, **kwargs)
@@ -109,6 +123,8 @@ def parse_spec(text: str) -> MethodSpec:
     """Parses one SPEC; errors name the bad part and the valid fields."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty method spec {text!r}")
+    if THEN.strip() in text.split():
+        return _parse_composed(text)
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name not in list_methods():
@@ -145,6 +161,26 @@ def parse_spec(text: str) -> MethodSpec:
         raise ValueError(f"give either keep_ratio or equivalent in {text!r}, not both")
     create_method(name, **kwargs)  # validate the fields now
     return MethodSpec(name, tuple(sorted(kwargs.items())), equivalent, text.strip())
+
+
+def _parse_composed(text: str) -> MethodSpec:
+    """`A then B`: A a before-the-LLM method, B an in-LLM one."""
+    parts = [part.strip() for part in " ".join(text.split()).split(THEN)]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"a composed spec is 'BEFORE then INSIDE' (e.g. 'visionzip:keep_ratio=0.5 then pdrop'), "
+                         f"got {text!r}")
+    before, inside = (parse_spec(part) for part in parts)
+    if method_class(before.name).before_stage is ReductionMethod.before_stage:
+        raise ValueError(f"in {text!r}, {before.name} works inside the LLM; the part before 'then' must reduce before "
+                         f"the LLM ({', '.join(n for n in list_methods() if _is_before(n))})")
+    if _is_before(inside.name):
+        raise ValueError(f"in {text!r}, {inside.name} reduces before the LLM; the part after 'then' must work inside "
+                         "it (fastv, pdrop, schedule, ...)")
+    return MethodSpec("compose", (), None, " ".join(text.split()), (before, inside))
+
+
+def _is_before(name: str) -> bool:
+    return method_class(name).before_stage is not ReductionMethod.before_stage
 
 
 def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, vision_tokens: int):
