@@ -11,6 +11,7 @@ from .pool import Pool
 from .random import Random
 from .schedule import Schedule
 from .stride import Stride
+from .tome import ToMe, bipartite_merge_plan
 
 __all__ = [
     "Baseline",
@@ -27,7 +28,9 @@ __all__ = [
     "SignalRequest",
     "Stride",
     "TokenPlan",
+    "ToMe",
     "VisionTokens",
+    "bipartite_merge_plan",
     "create_method",
     "default_pdrop_layers",
     "list_methods",
