@@ -12,6 +12,7 @@ from .random import Random
 from .schedule import Schedule
 from .stride import Stride
 from .tome import ToMe, bipartite_merge_plan
+from .visionzip import VisionZip
 
 __all__ = [
     "Baseline",
@@ -30,6 +31,7 @@ __all__ = [
     "TokenPlan",
     "ToMe",
     "VisionTokens",
+    "VisionZip",
     "bipartite_merge_plan",
     "create_method",
     "default_pdrop_layers",
