@@ -2,6 +2,7 @@
 
     python -m mmreduce.eval.latency --preset cpu          # hidden 1024, 16 layers, 576 vision + 40 text tokens
     python -m mmreduce.eval.latency --preset llava-7b     # LLaVA-1.5-7B shapes, bf16, sdpa, needs a GPU
+    python -m mmreduce.eval.latency --preset cpu --stage before   # before-the-LLM methods vs plain indexing
 
 Prefill is timed as the median of `--repeats` forwards (after warm-up, methods interleaved so that machine noise
 hits all of them alike); decode per token as (generate of 1 + N tokens − generate of 1 token) / N. Random weights
@@ -22,7 +23,8 @@ import torch
 import mmreduce
 from mmreduce.flops import ModelDims
 
-__all__ = ["PRESETS", "LatencyPreset", "add_subparser", "build_model", "main", "make_inputs", "run_benchmark"]
+__all__ = ["BEFORE_METHODS", "PRESETS", "LatencyPreset", "add_subparser", "build_model", "main", "make_inputs",
+           "run_before_benchmark", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ METHODS = {
     "baseline": None,
     "fastv K=2 r=0.25": ("fastv", dict(layer=2, keep_ratio=0.25)),
     "pdrop λ=0.5": ("pdrop", dict(keep_ratio=0.5)),
+}
+
+
+#: Before-the-LLM methods timed end to end (vision tower included) against the same model with the same number of
+#: features cut by plain indexing.
+BEFORE_METHODS = {
+    "stride r=0.25": ("stride", dict(keep_ratio=0.25)),
+    "pool r=0.25": ("pool", dict(keep_ratio=0.25)),
 }
 
 
@@ -213,6 +223,101 @@ def run_benchmark(preset: LatencyPreset, attn: str = "sdpa", methods=METHODS, lo
     return rows
 
 
+def _cut_by_indexing(model, inputs: dict, kept: torch.Tensor):
+    """The ideal a before-the-LLM method is measured against: the stock vision tower and projector, then only the
+    `kept` (K,) feature rows written into a prompt with K placeholders, and the stock text model + LM head on it.
+    Returns a callable that runs it once (last-token logits)."""
+    inner = model.model
+    image_id = model.config.image_token_id
+    ids = inputs["input_ids"]  # (1, T)
+    vision = ids[0] == image_id
+    first = int(vision.nonzero()[0])
+    short_ids = torch.cat([ids[:, :first], ids[:, first:first + kept.numel()], ids[:, first + int(vision.sum()):]],
+                          dim=1)  # (1, T - N + K)
+    short_mask = torch.ones_like(short_ids)
+    short_vision = short_ids[0] == image_id
+
+    def run():
+        features = inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
+        embeds = inner.get_input_embeddings()(short_ids)  # (1, T', D)
+        embeds[0, short_vision] = features[kept].to(embeds.dtype)
+        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=short_mask).last_hidden_state
+        return model.lm_head(hidden[:, -1:])
+
+    return run
+
+
+def run_before_benchmark(preset: LatencyPreset, attn: str = "sdpa", log=print) -> list[dict]:
+    """Prefill (vision tower included) of before-the-LLM methods vs the baseline and vs plain indexing.
+
+    `measured_over_ideal` = (baseline ms / method ms) / (baseline ms / ideal ms) = ideal ms / method ms: how close
+    the hooked method comes to a model that was simply given fewer features (1.0 = no overhead)."""
+    model = build_model(preset, attn)
+    inputs = make_inputs(preset)
+    methods = {name: (mmreduce.parse_spec(spec).build(preset.layers, (preset.image_size // preset.patch_size) ** 2)
+                      if options is None else mmreduce.create_method(spec, **options))
+               for name, (spec, options) in BEFORE_METHODS.items()}
+    timings = {name: [] for name in ["baseline", *methods, *(f"ideal {n}" for n in methods)]}
+    stats, ideals = {}, {}
+    with torch.inference_mode():
+        for name, method in methods.items():
+            with mmreduce.wrap(model, method) as reduced:
+                reduced(**inputs, logits_to_keep=1)
+                stats[name] = reduced.stats
+            kept = torch.tensor(stats[name].kept_positions[0][0]) - int(
+                (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+            ideals[name] = _cut_by_indexing(model, inputs, kept)
+        log(f"warm-up and {preset.repeats} interleaved prefill repeats (vision tower included) ...")
+        for repeat in range(preset.repeats + 2):
+            runs = [("baseline", lambda: model(**inputs, logits_to_keep=1))]
+            for name, method in methods.items():
+                runs.append((f"ideal {name}", ideals[name]))
+                runs.append((name, method))
+            for name, fn in runs:
+                if isinstance(fn, mmreduce.ReductionMethod):
+                    with mmreduce.wrap(model, fn) as reduced:
+                        elapsed = _timed(lambda: reduced(**inputs, logits_to_keep=1), preset.device)
+                else:
+                    elapsed = _timed(fn, preset.device)
+                if repeat >= 2:
+                    timings[name].append(elapsed)
+    baseline_ms = statistics.median(timings["baseline"])
+    rows = [{"method": "baseline", "prefill_ms": baseline_ms, "prefill_ms_all": timings["baseline"],
+             "equivalent_vision_tokens": float((preset.image_size // preset.patch_size) ** 2)}]
+    for name in methods:
+        method_ms, ideal_ms = statistics.median(timings[name]), statistics.median(timings[f"ideal {name}"])
+        flops, baseline_flops = stats[name].flops()
+        rows.append({
+            "method": name,
+            "equivalent_vision_tokens": stats[name].equivalent_vision_tokens,
+            "prefill_flops": flops,
+            "prefill_ms": method_ms,
+            "prefill_ms_all": timings[name],
+            "ideal_ms": ideal_ms,
+            "ideal_ms_all": timings[f"ideal {name}"],
+            "selection_ms": stats[name].selection_ms,
+            "measured_speedup": baseline_ms / method_ms,
+            "ideal_speedup": baseline_ms / ideal_ms,
+            "measured_over_ideal": ideal_ms / method_ms,
+        })
+    return rows
+
+
+def before_markdown(rows: list[dict]) -> str:
+    lines = ["| method | eq. vision tokens | prefill ms (median, IQR) | plain-indexing ideal ms | speedup measured / "
+             "ideal | measured ÷ ideal |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = statistics.quantiles(r["prefill_ms_all"], n=4) if len(r["prefill_ms_all"]) > 1 else [0, 0, 0]
+        cells = f"{r['prefill_ms']:.1f} ({spread[0]:.1f}–{spread[2]:.1f})"
+        if r["method"] == "baseline":
+            lines.append(f"| baseline | {r['equivalent_vision_tokens']:.0f} | {cells} | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['equivalent_vision_tokens']:.0f} | {cells} | {r['ideal_ms']:.1f} | "
+                     f"{r['measured_speedup']:.2f}× / {r['ideal_speedup']:.2f}× | {r['measured_over_ideal']:.2f} |")
+    return "\n".join(lines)
+
+
 def to_markdown(rows: list[dict]) -> str:
     lines = [
         "| method | eq. vision tokens | prefill GFLOPs | prefill ms (median) | speedup measured / predicted (ratio) "
@@ -231,6 +336,9 @@ def to_markdown(rows: list[dict]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--stage", choices=["inside", "before"], default="inside",
+                        help="inside: in-LLM methods (FastV, PyramidDrop); before: before-the-LLM methods, vision "
+                             "tower included, against the same model given fewer features by plain indexing")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument("--repeats", type=int, default=None, help="prefill repeats (>= 10 recommended)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -258,11 +366,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"preset {args.preset}: hidden {preset.hidden}, {preset.layers} layers, "
           f"{(preset.image_size // preset.patch_size) ** 2} vision + {preset.text_tokens} text tokens, "
           f"{preset.dtype} on {preset.device}, attn {args.attn}, torch threads {torch.get_num_threads()}")
-    rows = run_benchmark(preset, args.attn, log=lambda m: print(m, file=sys.stderr))
-    print(to_markdown(rows))
+    if args.stage == "before":
+        rows = run_before_benchmark(preset, args.attn, log=lambda m: print(m, file=sys.stderr))
+        print(before_markdown(rows))
+    else:
+        rows = run_benchmark(preset, args.attn, log=lambda m: print(m, file=sys.stderr))
+        print(to_markdown(rows))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "attn": args.attn, "device": _device_name(preset), "rows": rows},
+            json.dump({"preset": args.preset, "attn": args.attn, "stage": args.stage, "device": _device_name(preset),
+                       "rows": rows},
                       f, indent=2)
     return 0
 
