@@ -127,7 +127,10 @@ class DocOwlModel(DocOwlPreTrainedModel):
         batch, length = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=inputs_embeds.device)
-        if attention_mask.shape[1] != past + length:
+        # A mask longer than the cache is allowed: a wrapper that shortens the expanded prompt at the text model's
+        # door (mmreduce's before-the-LLM stage) caches fewer tokens than the caller's mask counts, and hands the
+        # text model a mask of its own; the positions below stay those of the caller's (expanded) sequence.
+        if attention_mask.shape[1] < past + length:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} tokens, but the text model holds {past} and gets "
                 f"{length}: after a prefill with images, continue from the mask that prefill returned (the prompt "

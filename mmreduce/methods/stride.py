@@ -28,6 +28,7 @@ class Stride(BeforeLLMMethod):
     """
 
     keep_ratio: float = 0.25
+    needs_layout = True  # the panels (and the newline / end-of-crop tokens that are not pixels) come from it
 
     def __post_init__(self):
         check_ratio("Stride", "keep_ratio", self.keep_ratio)
