@@ -255,7 +255,8 @@ class Reducer:
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not self.generating:  # a plain forward: its own kwargs describe its images (none: no stale layout)
-            pixels = any(key.startswith("pixel_values") for key in kwargs)
+            # generate() encodes the images first and then passes pixel_values=None: no pixels, no layout.
+            pixels = any(key.startswith("pixel_values") and value is not None for key, value in kwargs.items())
             self._call_inputs = {key: value for key, value in kwargs.items() if value is not None} if pixels else {}
         vision = self.adapter.vision_mask(input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"))
         self._pending_input = (vision, input_ids, kwargs.get("attention_mask"))
