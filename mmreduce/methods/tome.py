@@ -9,8 +9,8 @@ was), unlike the reference code, which puts the unmerged A tokens before the B t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ def bipartite_merge_plan(features: torch.Tensor, sizes: torch.Tensor, r: int | S
     """One round of bipartite soft matching: the r A tokens most similar to some B token merge into it.
 
     Within each group the tokens alternate A, B, A, B, ... in the order given; every A token's edge is its most
-    cosine-similar B token of the same group (ties: the earlier B), and the r strongest edges merge (ties: the
-    earlier A). Several A tokens may merge into one B token.
+    cosine-similar B token of the same group (ties: the earlier B), and the r strongest edges merge (ties: the A
+    token given first). Several A tokens may merge into one B token.
 
     Args:
         features: (n, C) the similarity metric of each token (features, or keys averaged over heads).
@@ -40,6 +40,9 @@ def bipartite_merge_plan(features: torch.Tensor, sizes: torch.Tensor, r: int | S
         A TokenPlan over the n tokens: merged A tokens are dropped and target their B token, every token weighs its
         size, so `plan.apply(x)` gives size-weighted averages and `merged_sizes(plan)` the new sizes.
     """
+    if features.dim() != 2 or tuple(sizes.shape) != (features.shape[0],):
+        raise ValueError(f"bipartite_merge_plan needs features (n, C) and sizes (n,), got {tuple(features.shape)} "
+                         f"and {tuple(sizes.shape)}")
     count = features.shape[0]
     device = features.device
     groups = [list(range(count))] if groups is None else [list(g) for g in groups]
@@ -48,7 +51,6 @@ def bipartite_merge_plan(features: torch.Tensor, sizes: torch.Tensor, r: int | S
     a_index = torch.tensor([i for part in side_a for i in part], dtype=torch.long, device=device)  # (A,)
     b_index = torch.tensor([i for part in side_b for i in part], dtype=torch.long, device=device)  # (B,)
     a_group = torch.tensor([g for g, part in enumerate(side_a) for _ in part], dtype=torch.long, device=device)
-    b_group = torch.tensor([g for g, part in enumerate(side_b) for _ in part], dtype=torch.long, device=device)
     mergeable = [len(part) if side_b[g] else 0 for g, part in enumerate(side_a)]  # A tokens that have a partner
     if isinstance(r, (bool, torch.Tensor)) or not isinstance(r, (int, Sequence)):
         raise ValueError(f"r must be an int or one int per group, got {r!r}")
@@ -64,9 +66,18 @@ def bipartite_merge_plan(features: torch.Tensor, sizes: torch.Tensor, r: int | S
     if b_index.numel() == 0 or (r == 0 if isinstance(r, int) else sum(int(x) for x in r) == 0):
         return plan
     unit = F.normalize(features.float(), dim=-1)  # (n, C): dot products are cosines
-    similarity = unit[a_index] @ unit[b_index].T  # (A, B)
-    similarity = similarity.masked_fill(a_group[:, None] != b_group[None, :], float("-inf"))
-    best, partner = similarity.max(dim=1)  # (A,), (A,): max returns the first of equal maxima, the earlier B
+    best = torch.full((a_index.shape[0],), float("-inf"), device=device)  # (A,) each A token's strongest edge
+    partner = torch.zeros(a_index.shape[0], dtype=torch.long, device=device)  # (A,) its B token, into b_index
+    start_a = start_b = 0
+    for part_a, part_b in zip(side_a, side_b):
+        # One similarity block per group: tokens of different groups are never compared.
+        stop_a, stop_b = start_a + len(part_a), start_b + len(part_b)
+        if part_b:
+            block = unit[a_index[start_a:stop_a]] @ unit[b_index[start_b:stop_b]].T  # (A_g, B_g)
+            # max returns the first of equal maxima: ties go to the earlier B token.
+            best[start_a:stop_a], partner[start_a:stop_a] = block.max(dim=1)
+            partner[start_a:stop_a] += start_b
+        start_a, start_b = stop_a, stop_b
     # A stable descending sort keeps equal edges in A order, so ties merge the earlier A token.
     order = torch.sort(best, descending=True, stable=True).indices  # (A,)
     if isinstance(r, int):
@@ -105,18 +116,20 @@ def merge_rounds(metric: torch.Tensor, groups: Sequence[Sequence[int]], budgets:
 
     Returns:
         (plan, rounds): every original token targets the kept token it ended in, all with weight 1, so a kept token
-        is the plain mean of its originals (what size-weighted averages of averages amount to); the rounds run.
+        is the plain mean of its originals (what size-weighted averages of averages amount to); `plan.extra_flops`
+        counts the matching (per round and group of c tokens: normalising 3cC, the A x B cosines 2·|A|·|B|·C, their
+        maxima |A|·|B|, sorting the edges |A|·log2|A|, averaging the metric 2cC); the rounds run.
     """
-    count = metric.shape[0]
+    count, width = metric.shape
     device = metric.device
     group_of = torch.empty(count, dtype=torch.long, device=device)  # (n,)
     for g, members in enumerate(groups):
         group_of[torch.tensor(list(members), dtype=torch.long, device=device)] = g
     alive = torch.arange(count, device=device)  # (c,) original index of each current token, ascending
     owner = torch.arange(count, device=device)  # (n,) current slot that each original token ended in
-    sizes = torch.ones(count, device=device)
-    current = metric.float()
-    rounds = 0
+    sizes = torch.ones(count, device=device)  # (c,)
+    current = metric.float()  # (c, C)
+    rounds, flops = 0, 0.0
     while True:
         current_group = group_of[alive]  # (c,)
         now = torch.bincount(current_group, minlength=len(groups)).tolist()
@@ -125,8 +138,13 @@ def merge_rounds(metric: torch.Tensor, groups: Sequence[Sequence[int]], budgets:
             break
         slots = [(current_group == g).nonzero().flatten().tolist() for g in range(len(groups))]
         step = bipartite_merge_plan(current, sizes, per_group, slots)
-        current = step.apply(current)  # (c', C) size-weighted averages
-        sizes = merged_sizes(step)
+        for n in now:
+            half_a, half_b = (n + 1) // 2, n // 2
+            flops += 5 * n * width + 2 * half_a * half_b * width + half_a * half_b + half_a * math.log2(max(half_a, 2))
+        # Size-weighted averages of the metric, (c', C): sum of size·metric over each target, over the summed size.
+        weighted = torch.zeros_like(current).index_add_(0, step.target, current * sizes[:, None])
+        total = torch.zeros_like(sizes).index_add_(0, step.target, sizes)
+        current, sizes = weighted[step.keep] / total[step.keep, None], total[step.keep]
         survivors = step.keep.nonzero().flatten()  # (c',)
         new_slot = torch.full((alive.shape[0],), -1, dtype=torch.long, device=device)
         new_slot[survivors] = torch.arange(survivors.shape[0], device=device)
@@ -135,7 +153,7 @@ def merge_rounds(metric: torch.Tensor, groups: Sequence[Sequence[int]], budgets:
         rounds += 1
     keep = torch.zeros(count, dtype=torch.bool, device=device)
     keep[alive] = True
-    return TokenPlan(keep, alive[owner], torch.ones(count, device=device)), rounds
+    return TokenPlan(keep, alive[owner], torch.ones(count, device=device), extra_flops=flops), rounds
 
 
 @register_method("tome")
@@ -181,20 +199,6 @@ class ToMe(BeforeLLMMethod):
         metric = tokens.features if self.metric == "features" else \
             tokens.signals[SignalRequest("keys", self.key_layer).key]  # (n, C)
         budgets = [keep_count(self.keep_ratio, len(members)) for members in groups]
-        plan, rounds = merge_rounds(metric, groups, budgets)
-        plan.extra_flops = self._flops(groups, rounds, metric.shape[1], tokens.features.shape[1])
+        plan, _ = merge_rounds(metric, groups, budgets)
+        plan.extra_flops += 2.0 * tokens.count * tokens.features.shape[1]  # averaging the features once
         return plan
-
-    @staticmethod
-    def _flops(groups: list[list[int]], rounds: int, metric_width: int, width: int) -> float:
-        """An upper estimate of the matching cost: per round, normalising the metric (3nC), the A x B cosines
-        (2·|A|·|B|·C, at most (p/2)² per panel), their maxima and the sort of the edges; then the averages of the
-        metric and, once, of the features (2nD)."""
-        per_round = 0.0
-        for members in groups:
-            p = len(members)
-            half = math.ceil(p / 2)
-            per_round += 3 * p * metric_width + 2 * half * (p // 2) * metric_width + half * (p // 2) \
-                + half * math.log2(max(half, 2)) + 2 * p * metric_width
-        count = sum(len(members) for members in groups)
-        return float(rounds * per_round + 2 * count * width)
