@@ -3,7 +3,7 @@
     import mmreduce
     with mmreduce.patch_vit(vit, r=16) as merging:   # every block merges 16 tokens after its attention
         features = vit(images)
-        print(merging.tokens_per_block)               # [181, 165, ..., 5] for a ViT-B/16 at 224 px
+        print(merging.tokens_per_block)               # [181, 165, ..., 37, 21, 11] for a ViT-B/16 at 224 px
     # leaving the block restores the model: its outputs are bit-identical to before
 
 What one patched block computes (pre-norm block `x + attn(norm1(x))`, then `x + mlp(norm2(x))`):
@@ -20,8 +20,8 @@ stays first, so the model's outputs do not depend on this choice; keeping the or
 readable as a coarser version of the patch grid.
 
 The patch replaces `forward` on the block *instances* and the pooling method on the model instance (it changes
-only average pooling and delegates everything else); the classes are never touched and `remove()` puts every attribute back as it was. Pooling:
-CLS-token pooling works unchanged; average pooling ('avg', 'avgmax' in timm, 'avg' in open_clip) becomes the
+only average pooling and delegates everything else); the classes are never touched and `remove()` puts every
+attribute back as it was. Pooling: CLS-token pooling works unchanged; average pooling ('avg', 'avgmax' in timm, 'avg' in open_clip) becomes the
 size-weighted average, i.e. the mean over the original patches. Anything that reads the token sequence itself
 (`forward_features`, open_clip's `output_tokens`) receives the merged, shorter sequence; the sizes of the last
 forward are in `handle.last_size`.
@@ -30,8 +30,9 @@ forward are in `handle.last_size`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,9 +220,9 @@ class _MergingBlockForward:
     A callable object rather than a closure so that `patch_vit` can recognise its own patch on a block.
     """
 
-    def __init__(self, block: nn.Module, index: int, r: int, state: _MergeState, protect_first: bool,
-                 family: str, handle: "ViTMergeHandle"):
-        self.block, self.index, self.r, self.state = block, index, r, state
+    def __init__(self, block: nn.Module, index: int, r: int, clamp: bool, state: _MergeState, protect_first: bool,
+                 family: str, handle: ViTMergeHandle):
+        self.block, self.index, self.r, self.clamp, self.state = block, index, r, clamp, state
         self.protect_first, self.family, self.handle = protect_first, family, handle
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -247,14 +248,14 @@ class _MergingBlockForward:
         else:
             attended, keys = _open_clip_attention(block.attn, block.ln_1(x), self.state.size)
             x = x + block.ls_1(attended)
-        if self.r:
-            limit = max_merges(x.shape[1], self.protect_first)
-            if self.r > limit:
-                raise ValueError(
-                    f"block {self.index} gets {x.shape[1]} tokens and can merge at most {limit}, but r asks for "
-                    f"{self.r}; use a smaller r or larger images"
-                )
-            merge_fn, _ = bipartite_soft_matching(keys.mean(dim=1), self.r, self.protect_first)  # (B, N, hd)
+        limit = max_merges(x.shape[1], self.protect_first)
+        # An int r is clamped per block as in the paper (token counts depend on the image size at run time).
+        r = min(self.r, limit) if self.clamp else self.r
+        if r > limit:
+            raise ValueError(f"block {self.index} gets {x.shape[1]} tokens and can merge at most {limit}, but r "
+                             f"asks for {r}; use a smaller r or larger images")
+        if r:
+            merge_fn, _ = bipartite_soft_matching(keys.mean(dim=1), r, self.protect_first)  # metric (B, N, hd)
             x, self.state.size = merge_weighted(x, self.state.size, merge_fn)
         if self.family == "timm":
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
@@ -347,7 +348,7 @@ class ViTMergeHandle:
     Attributes:
         model: the patched VisionTransformer (for a CLIP model, its `.visual`).
         family: "timm" or "open_clip".
-        r: tokens merged by each block.
+        r: tokens merged by each block at the configured image size (an int r clamped per block, as in the paper).
         num_tokens: tokens entering block 0 at the model's configured image size (CLS included).
     """
 
@@ -380,10 +381,10 @@ class ViTMergeHandle:
         self.active = False   # tokens_per_block and last_size still describe the last patched forward
         return self.model
 
-    def __enter__(self) -> "ViTMergeHandle":
+    def __enter__(self) -> ViTMergeHandle:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
@@ -469,10 +470,25 @@ def _resolve_open_clip(model: nn.Module, clip_tf: Any) -> _Target:
 
 
 def _validate_r(r: int | Sequence[int], target: _Target) -> tuple[int, ...]:
+    """The per-block schedule at the model's configured image size.
+
+    An int r follows the paper: every block merges min(r, what it can merge), so r=16 on a ViT-B/16 merges 16 in
+    blocks 0-10 and 10 in block 11 (21 tokens left). A list is an explicit schedule and must fit exactly.
+    """
     depth = len(target.blocks)
     if isinstance(r, bool) or not isinstance(r, (int, list, tuple)):
-        raise ValueError(f"r must be an int or a list of {depth} ints (one per block), got {type(r).__name__}")
-    per_block = [r] * depth if isinstance(r, int) else list(r)
+        # A ValueError like every other bad r, so that callers catch one type.
+        message = f"r must be an int or a list of {depth} ints (one per block), got {type(r).__name__}"
+        raise ValueError(message)  # noqa: TRY004
+    if isinstance(r, int):
+        if r < 0:
+            raise ValueError(f"r={r} is not an int >= 0; give the tokens each block merges")
+        schedule, tokens = [], target.num_tokens
+        for _ in range(depth):
+            schedule.append(min(r, max_merges(tokens, target.protect_first)))
+            tokens -= schedule[-1]
+        return tuple(schedule)
+    per_block = list(r)
     if len(per_block) != depth:
         raise ValueError(f"r has {len(per_block)} entries but the model has {depth} blocks; give one per block")
     for i, value in enumerate(per_block):
@@ -506,7 +522,8 @@ def patch_vit(model: nn.Module, r: int | Sequence[int]) -> ViTMergeHandle:
 
     Args:
         model: a timm `VisionTransformer`, an open_clip `VisionTransformer`, or a CLIP model whose `.visual` is one.
-        r: tokens merged by every block (int), or one int per block.
+        r: tokens merged by every block (int; a block that cannot merge that many merges all it can, as in the
+            paper), or one int per block (an exact schedule: a block that cannot merge its count is an error).
 
     Returns:
         A `ViTMergeHandle`; also a context manager that removes the patch on exit.
@@ -521,12 +538,14 @@ def patch_vit(model: nn.Module, r: int | Sequence[int]) -> ViTMergeHandle:
         raise ValueError(f"this {target.family} ViT is already patched by patch_vit (r={list(existing.r)}); "
                          "call handle.remove() or unpatch_vit(model) first")
     per_block = _validate_r(r, target)
+    clamp = isinstance(r, int)
+    requested = [r] * len(target.blocks) if clamp else per_block
 
     handle = ViTMergeHandle(target.model, target.family, per_block, target.num_tokens)
     state = handle._state
     planned: list[tuple[nn.Module, str, Any]] = [
-        (block, "forward", _MergingBlockForward(block, i, per_block[i], state, target.protect_first, target.family,
-                                                handle))
+        (block, "forward", _MergingBlockForward(block, i, requested[i], clamp, state, target.protect_first,
+                                                target.family, handle))
         for i, block in enumerate(target.blocks)
     ]
     pool_cls = _TimmPool if target.family == "timm" else _OpenClipPool
