@@ -45,6 +45,12 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default="runs/bench", help="output directory (results.json, .md, .png, cache/)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="add an 'oracle@F (upper reference)' row per equivalent=F budget of the methods: the "
+                             "tokens under the asked objects first, then random (it reads the answer's location; "
+                             "a ceiling, not a method)")
+    parser.add_argument("--oracle-budgets", type=float, nargs="+", default=(), metavar="F",
+                        help="the oracle rows' budgets (fractions, or token counts > 1) instead; implies --oracle")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run_from_args)
 
@@ -54,7 +60,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     config = BenchConfig(model=args.model, dataset=args.dataset, specs=args.methods, samples=args.samples,
                          seed=args.seed, split=args.split, batch_size=args.batch_size, out=args.out,
-                         max_new_tokens=args.max_new_tokens, device=args.device, progress=not args.no_progress)
+                         max_new_tokens=args.max_new_tokens, device=args.device, progress=not args.no_progress,
+                         oracle=args.oracle or bool(args.oracle_budgets), oracle_budgets=tuple(args.oracle_budgets))
     rows = run_bench(config)
     print(results_markdown(rows))
     print(f"\nwritten: {args.out}/results.json, results.md, accuracy_vs_flops.png")

@@ -35,6 +35,7 @@ __all__ = ["BenchConfig", "RESULT_FIELDS", "plot_results", "results_markdown", "
 
 #: Every record of results.json carries at least these fields. `peak_mem_mb` is the most memory one batch of the
 #: method added on top of what was in use when it started (`runners.PeakMemory`), not the process's lifetime peak.
+#: Every record also says whether it is a `reference` (the oracle's rows, eval/oracle.py: an upper bound, not a method).
 RESULT_FIELDS = ("method", "spec", "accuracy", "samples", "equivalent_vision_tokens", "vision_tokens",
                  "prefill_flops", "baseline_prefill_flops", "flops_ratio", "prefill_ms", "decode_ms_per_token",
                  "peak_mem_mb", "kv_cache_mb", "note")
@@ -46,7 +47,8 @@ class BenchConfig:
 
     model: a bundled tiny checkpoint name or a local checkpoint directory; dataset: a benchmark name;
     specs: method specs (`mmreduce.spec`); samples / seed / split: which items; batch_size; out: output directory;
-    max_new_tokens: answer length; device: "cpu", "cuda" or "auto".
+    max_new_tokens: answer length; device: "cpu", "cuda" or "auto"; oracle: add an upper-reference row
+    (eval/oracle.py) per `equivalent=F` budget of the specs, or per `oracle_budgets` entry when given.
     """
 
     model: str
@@ -61,6 +63,8 @@ class BenchConfig:
     device: str = "auto"
     progress: bool = True
     benchmark_options: dict = field(default_factory=dict)
+    oracle: bool = False
+    oracle_budgets: Sequence[float] = ()
 
     def __post_init__(self):
         if not self.specs:
@@ -73,6 +77,10 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"BenchConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for budget in self.oracle_budgets:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+                raise ValueError(f"BenchConfig.oracle_budgets must hold fractions in (0, 1] or token counts > 1, "
+                                 f"got {budget!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={self.out!r} is a file; give a folder for results.json, results.md and cache/")
 
@@ -215,7 +223,7 @@ def _evaluate_spec(runner: Runner, samples, spec: MethodSpec, method, config: Be
     return [done[start] for start in starts]
 
 
-def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") -> dict:
+def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "", reference: bool = False) -> dict:
     correct = [c for b in batches for c in b["correct"]]
     weights = [len(b["correct"]) for b in batches]
 
@@ -240,13 +248,14 @@ def _summarise(spec: MethodSpec, method, batches: list[dict], note: str = "") ->
         "peak_mem_mb": max(b["peak_mem_mb"] for b in batches),
         "kv_cache_mb": mean("kv_cache_mb"),
         "note": note,
+        "reference": reference,
         "predictions": [a for b in batches for a in b["answers"]],
     }
 
 
 def _skipped_row(spec: MethodSpec, reason: str) -> dict:
     return {**{key: None for key in RESULT_FIELDS}, "method": spec.name, "spec": spec.text, "samples": 0,
-            "note": f"skipped: {reason}"}
+            "note": f"skipped: {reason}", "reference": spec.name == "oracle"}
 
 
 def _plan(specs: list[MethodSpec], runner: Runner, depth: int, vision: int, model: str) -> list[tuple]:
@@ -274,6 +283,31 @@ def _plan(specs: list[MethodSpec], runner: Runner, depth: int, vision: int, mode
     return plan
 
 
+def _oracle_plan(config: BenchConfig, specs: list[MethodSpec], runner: Runner, vision: int, samples) -> list[tuple]:
+    """(spec, OracleKeep, None) per oracle budget (`oracle_budgets`, else every `equivalent=F` among the specs), or
+    (spec, None, reason) where the runner cannot hand the oracle its samples. The oracle reads the samples' target
+    boxes (the answer's location): its rows are an upper reference, not a method."""
+    from .oracle import OracleKeep, oracle_keep_ratio
+
+    budgets = list(config.oracle_budgets)
+    if config.oracle and not budgets:
+        budgets = list(dict.fromkeys(spec.equivalent for spec in specs if spec.equivalent is not None))
+        if not budgets:
+            raise ValueError("--oracle adds one row per equivalent=F budget of the specs, and none has one; give "
+                             "the budgets with --oracle-budgets F...")
+    if budgets and any("target_boxes" not in sample.meta for sample in samples):
+        raise ValueError(f"the oracle reads each sample's meta['target_boxes'] (the asked objects' pixel boxes), "
+                         f"which {config.dataset} does not give; drop --oracle")
+    plan = []
+    for budget in budgets:
+        spec = MethodSpec("oracle", (), budget, f"oracle@{budget:g} (upper reference)")
+        if not runner.binds_samples:
+            plan.append((spec, None, f"the {runner.kind} runner cannot hand the oracle its samples"))
+            continue
+        plan.append((spec, OracleKeep(keep_ratio=oracle_keep_ratio(budget, vision), seed=config.seed), None))
+    return plan
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Evaluates every spec; returns the result records (also written to `config.out`)."""
     specs = [parse_spec(text) for text in config.specs]  # syntax and field types, before anything loads
@@ -290,6 +324,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         f"{vision} vision tokens per prompt, batch {config.batch_size}, {device}"
         + (f", {shard.world} processes" if shard.world > 1 else ""))
     plan = _plan(specs, runner, depth, vision, config.model)  # every method checked before any batch runs
+    plan += _oracle_plan(config, specs, runner, vision, samples)  # reference rows last
     weights, data = runner.fingerprint(), _data_fingerprint(samples)  # read once, not once per method
     if any(method is not None for _, method, _ in plan):
         # Untimed and unrecorded: first-call allocations and lazy set-up would otherwise be charged to whichever
@@ -305,7 +340,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         cache_file = _cache_path(out, config, weights, data, spec, method, device, shard)
         batches = _evaluate_spec(runner, samples, spec, method, config, cache_file, shard, log)
         batches = sorted(shard.gather(batches), key=lambda batch: batch["start"])
-        row = _summarise(spec, method, batches, note=runner.note(batches))
+        row = _summarise(spec, method, batches, note=runner.note(batches), reference=spec.name == "oracle")
         rows.append(row)
         log(f"  {spec.text}: accuracy {row['accuracy']:.3f}, {row['equivalent_vision_tokens']:.1f} eq. tokens, "
             f"FLOPs {row['flops_ratio']:.0%} ({time.perf_counter() - start:.0f} s)")
@@ -331,7 +366,8 @@ def results_markdown(rows: list[dict]) -> str:
     lines = ["| spec | method | accuracy | eq. vision tokens | prefill FLOPs (vs baseline) | prefill ms / batch "
              "| decode ms/token | KV cache MB | peak mem MB (batch) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    references = [r for r in rows if r.get("reference")]
+    for r in [r for r in rows if not r.get("reference")] + references:  # reference rows last
         if r["accuracy"] is None:
             lines.append(f"| {r['spec']} | — | — | — | — | — | — | — | {r['note']} |")
             continue
@@ -340,6 +376,9 @@ def results_markdown(rows: list[dict]) -> str:
             f"{r['prefill_flops'] / 1e9:.3f} G ({100 * r['flops_ratio']:.0f}%) | {r['prefill_ms']:.1f} | "
             f"{r['decode_ms_per_token']:.1f} | {r['kv_cache_mb']:.2f} | {r['peak_mem_mb']:.0f} |"
         )
+    if references:
+        lines.append("\noracle rows keep the tokens under the asked objects first (they read where the answer is): "
+                     "an upper reference, not a method.")
     return "\n".join(lines)
 
 
@@ -351,14 +390,22 @@ def plot_results(rows: list[dict], path: os.PathLike, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     families: dict[str, list[tuple[float, float, str]]] = {}
+    references = []
     for r in rows:
         if r["accuracy"] is None:
+            continue
+        if r.get("reference"):
+            references.append((100 * r["flops_ratio"], 100 * r["accuracy"]))
             continue
         family = r["spec"].split(":")[0]
         families.setdefault(family, []).append((100 * r["flops_ratio"], 100 * r["accuracy"], r["spec"]))
     for family, points in sorted(families.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+    if references:
+        references.sort()
+        ax.plot([p[0] for p in references], [p[1] for p in references], marker="*", markersize=11, linestyle="--",
+                color="black", label="oracle (upper reference)")
     ax.set_xlabel("prefill FLOPs (% of baseline)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

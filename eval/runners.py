@@ -43,6 +43,9 @@ class Runner:
 
     #: Written to results.json (`meta.runner`).
     kind = "runner"
+    #: Whether `run_batch` calls `method.bind(samples, inputs, adapter)` when the method has one (the oracle
+    #: reference needs it to see the batch's target boxes).
+    binds_samples = False
 
     def __init__(self, checkpoint: Path | None, num_layers: int):
         self.checkpoint = checkpoint
@@ -91,6 +94,7 @@ class WrappedVLMRunner(Runner):
     """A Hugging Face VLM (any family with an adapter) evaluated through `mmreduce.wrap` and greedy `generate()`."""
 
     kind = "wrapped-vlm"
+    binds_samples = True
 
     def __init__(self, model, processor, device: str, checkpoint: Path | None = None):
         self.model, self.processor, self.device = model, processor, device
@@ -114,6 +118,8 @@ class WrappedVLMRunner(Runner):
 
     def run_batch(self, samples: Sequence[Sample], method: mmreduce.ReductionMethod, max_new_tokens: int) -> dict:
         inputs = self.inputs(samples)
+        if hasattr(method, "bind"):  # a reference that reads the samples (eval/oracle.py), not a method
+            method.bind(samples, inputs, self.adapter)
         reduced = mmreduce.wrap(self.model, method)
         try:
             with torch.inference_mode(), PeakMemory(self.device) as memory:
