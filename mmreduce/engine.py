@@ -345,7 +345,8 @@ class Reducer:
                 raise ValueError("a before-the-LLM method needs the text model to receive inputs_embeds (the "
                                  "family's merged image features); it got input_ids only")
             start = self._now(embeds)
-            kwargs, before, vision, input_mask, extra = self._reduce_before(kwargs, embeds, vision, input_mask, seeds)
+            kwargs, before, vision, input_mask, extra = self._reduce_before(kwargs, embeds, vision, input_mask, seeds,
+                                                                            query)
             stats.extra_flops = extra
             if before is not None:
                 stats.kept_positions[0] = [row[vis].tolist() for row, vis in zip(before.gather, vision)]
@@ -521,9 +522,10 @@ class Reducer:
         return output
 
     def _reduce_before(self, kwargs: dict, embeds: torch.Tensor, vision: torch.Tensor, input_mask: torch.Tensor,
-                       seeds: torch.Tensor):
-        """Runs the before-the-LLM method on a prefill; returns the text model's new kwargs, the record, the
-        (B, T') vision and prompt masks of the shortened prompt, and the method's extra FLOPs per sample."""
+                       seeds: torch.Tensor, query: torch.Tensor):
+        """Runs the before-the-LLM method on a prefill (`query`: (B,) position of the last prompt token); returns
+        the text model's new kwargs, the record, the (B, T') vision and prompt masks of the shortened prompt, and the
+        method's extra FLOPs per sample."""
         batch = embeds.shape[0]
         cells = signals = None
         if self.before.needs_layout or self._tower_probe is not None:
@@ -533,6 +535,10 @@ class Reducer:
                 per_token = token_signals(self._tower_probe, self.adapter, cells_all, grids)
                 signals = _split_signal_rows(per_token, vision.sum(dim=1).tolist(), batch)
         keep, merged, extra = plan_batch(self.before, embeds, vision, cells, signals or {}, seeds)
+        # The last prompt token is the query whose output the caller reads (generate() takes its logits): when a
+        # prompt ends on a vision token, it stays with its own features, as the in-LLM stages never drop it either.
+        rows = torch.arange(batch, device=keep.device)
+        keep[rows, query] |= vision[rows, query]
         if torch.equal(keep, vision) and torch.equal(merged, embeds):
             return kwargs, None, vision, input_mask, extra  # keeps everything: the stock prompt, untouched
         keep_all = (input_mask & ~vision) | keep
