@@ -99,6 +99,10 @@ class TokenPlan:
         if bool((self.weight < 0).any()) or not bool((self.weight[self.keep] > 0).all()):
             raise ValueError("TokenPlan: weights must be >= 0 and > 0 on kept tokens")
 
+    def to(self, device) -> "TokenPlan":
+        """The plan with its tensors on `device` (methods may plan on the CPU for a model on a GPU)."""
+        return TokenPlan(self.keep.to(device), self.target.to(device), self.weight.to(device), self.extra_flops)
+
     def merge_weights(self) -> torch.Tensor:
         """(k, n) the normalised weights: row j holds how the j-th kept token averages the n tokens (rows sum to 1)."""
         kept = self.keep.nonzero().flatten()  # (k,)
@@ -113,6 +117,8 @@ class TokenPlan:
         """(n, D) features -> (k, D) kept tokens, each the weighted average of what was merged into it.
 
         A kept token that nothing was merged into is copied exactly (no arithmetic), so keep-all is bit-identical."""
+        if self.keep.device != features.device:
+            return self.to(features.device).apply(features)
         kept = self.keep.nonzero().flatten()  # (k,)
         merged_into = self.target.clone()
         merged_into[self.keep] = -1
@@ -183,11 +189,11 @@ class BeforeLLMMethod(ReductionMethod):
         structural = torch.tensor([cell.panel < 0 for cell in tokens.cells], dtype=torch.bool) \
             if tokens.cells is not None else torch.zeros(count, dtype=torch.bool)
         if not bool(structural.any()):
-            plan = self.plan(tokens)
+            plan = self.plan(tokens).to("cpu")
             plan.check(count)
             return plan
         pixel = (~structural).nonzero().flatten()  # (p,)
-        inner = self.plan(_subset(tokens, pixel))
+        inner = self.plan(_subset(tokens, pixel.to(tokens.features.device))).to("cpu")
         inner.check(pixel.shape[0])
         keep = torch.zeros(count, dtype=torch.bool)
         target = torch.full((count,), -1, dtype=torch.long)
