@@ -91,6 +91,10 @@ class TokenPlan:
             if tuple(getattr(self, name).shape) != (count,):
                 raise ValueError(f"TokenPlan.{name} has shape {tuple(getattr(self, name).shape)}, expected ({count},)")
         index = torch.arange(count, device=self.keep.device)
+        if bool(((self.target < -1) | (self.target >= count)).any()):
+            raise ValueError(f"TokenPlan: targets must be -1 or a token index in [0, {count})")
+        if not bool(torch.isfinite(self.weight).all()):
+            raise ValueError("TokenPlan: weights must be finite")
         if not bool((self.target[self.keep] == index[self.keep]).all()):
             raise ValueError("TokenPlan: a kept token must target itself")
         merged = self.target >= 0

@@ -26,11 +26,12 @@ class Compose(ReductionMethod):
 
     def __post_init__(self):
         if not isinstance(self.before, BeforeLLMMethod):
-            raise TypeError(f"Compose.before must be a before-the-LLM method (pool, stride, visionzip, ...), got "
-                            f"{type(self.before).__name__}")
+            raise ValueError(f"Compose takes [before-the-LLM method, in-LLM method] in that order; its first part "
+                             f"must reduce before the LLM (pool, stride, visionzip, ...), got "
+                             f"{type(self.before).__name__}")
         if not isinstance(self.inside, ReductionMethod) or isinstance(self.inside, (BeforeLLMMethod, Compose)):
-            raise TypeError(f"Compose.inside must be an in-LLM method (fastv, pdrop, schedule, ...), got "
-                            f"{type(self.inside).__name__}")
+            raise ValueError(f"Compose takes [before-the-LLM method, in-LLM method] in that order; its second part "
+                             f"must work inside the LLM (fastv, pdrop, schedule, ...), got {type(self.inside).__name__}")
 
     @classmethod
     def example(cls, num_layers: int, keep_all: bool = False) -> "Compose":
