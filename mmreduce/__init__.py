@@ -10,6 +10,7 @@
 from .api import LayerPrefix, ReducedModel, capture_prefix, resume_prefix, unwrap, wrap
 from .flops import ModelDims, layer_flops, paper_tflops, prefill_flops
 from .methods import (
+    AIM,
     Baseline,
     DropStage,
     FastV,
@@ -32,6 +33,7 @@ from .vit_merge import patch_vit, unpatch_vit
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIM",
     "Baseline",
     "DropStage",
     "FastV",

@@ -2,6 +2,7 @@
 
 from .base import (DropStage, ReductionMethod, ScoreContext, check_layer, check_ratio, create_method, list_methods,
                    method_class, register_method, top_k_sorted)
+from .aim import AIM
 from .baseline import Baseline
 from .before import BeforeLLMMethod, SignalRequest, TokenPlan, VisionTokens
 from .compose import Compose
@@ -15,6 +16,7 @@ from .tome import ToMe, bipartite_merge_plan
 from .visionzip import VisionZip
 
 __all__ = [
+    "AIM",
     "Baseline",
     "BeforeLLMMethod",
     "Compose",
