@@ -393,11 +393,16 @@ class Reducer:
         if run.full_kwargs is None:
             names = ("position_embeddings", "position_ids", *self.adapter.per_token_layer_kwargs)
             run.full_kwargs = {key: kwargs.get(key) for key in names}
+        applying = self._apply_at.get(layer_idx)
+        # A drop ranked at an earlier layer takes effect first, so a stage ranked here sees the stream this layer
+        # will actually compute; a stage ranked and applied here drops right after its ranking.
+        if applying is not None and applying.score_layer < layer_idx:
+            hidden = self._apply(run, layer_idx, hidden)
         if layer_idx in self._score_at:
             # The stream may already be shorter than the stock kwargs: score with the stream's own RoPE.
             stream_kwargs = {**kwargs, **run.group_kwargs}
             self._select(run, self._score_at[layer_idx], layer_idx, layer, hidden, stream_kwargs)
-        if layer_idx in self._apply_at:
+        if applying is not None and applying.score_layer == layer_idx:
             hidden = self._apply(run, layer_idx, hidden)
         run.counts.append((run.vision & run.valid).sum(dim=1))
         if self._first_apply is None or layer_idx < self._first_apply:

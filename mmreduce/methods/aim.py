@@ -352,15 +352,15 @@ class AIM(ReductionMethod):
         return super().planned_counts(num_layers, merge.kept_tokens(initial) if merge is not None else initial)
 
     def stages(self, num_layers: int) -> list[DropStage]:
-        """One stage per layer l from l1 (while a layer follows it): the layers after l keep retain(l), ranked at the
-        input of layer l + 1, i.e. over exactly the tokens layer l saw; the stage that reaches 0 is the last."""
+        """One stage per layer l from l1 (while a layer follows it): ranked by layer l's own attention (at its input,
+        over the tokens it sees), the layers after l keep retain(l); the stage that reaches 0 is the last."""
         if self.start_layer > num_layers - 2:
             raise ValueError(f"AIM.start_layer {self.start_layer} leaves no layer to prune in a model with "
                              f"{num_layers} decoder layers (valid: 0..{num_layers - 2})")
         stages = []
         for layer in range(self.start_layer, num_layers - 1):
             fraction = retain_fraction(layer, self.start_layer, self.step)
-            stages.append(DropStage(score_layer=layer + 1, apply_layer=layer + 1, fraction=fraction))
+            stages.append(DropStage(score_layer=layer, apply_layer=layer + 1, fraction=fraction))
             if fraction == 0.0:
                 break
         return stages
@@ -368,8 +368,8 @@ class AIM(ReductionMethod):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         """(B, T) PageRank importance of every stream token at the scoring layer (0 on padding and filler)."""
         scores = torch.zeros(ctx.key_valid.shape, dtype=torch.float32, device=ctx.hidden.device)  # (B, T)
-        # This layer ranks the drop after layer_idx - 1 (see `stages`); keeping all or none needs no ranks.
-        if retain_fraction(ctx.layer_idx - 1, self.start_layer, self.step) in (0.0, 1.0):
+        # This layer ranks the drop after itself (see `stages`); keeping all or none needs no ranks.
+        if retain_fraction(ctx.layer_idx, self.start_layer, self.step) in (0.0, 1.0):
             return scores
         tokens = prompt_tokens(ctx)  # (B, T)
         query, key = stream_queries_and_keys(ctx, tokens)  # (N, H, hd), (N, Hkv, hd)

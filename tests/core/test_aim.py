@@ -121,10 +121,11 @@ def test_retain_schedule_is_the_papers_formula():
 
 
 def test_stages_of_qwen2_7b_setting():
-    """l1 = 14, step 1/8 on 28 layers: layer 14's tokens keep 7/8 from layer 15 on, ..., none after layer 21."""
+    """l1 = 14, step 1/8 on 28 layers: ranked by layer 14, its tokens keep 7/8 from layer 15 on, ..., none after layer
+    21; each stage ranks at the layer where the previous one applies."""
     stages = mmreduce.AIM(start_layer=14, step=0.125).check_stages(28)
     expected = [(15, 0.875), (16, 0.75), (17, 0.625), (18, 0.5), (19, 0.375), (20, 0.25), (21, 0.125), (22, 0.0)]
-    assert stages == [DropStage(score_layer=layer, apply_layer=layer, fraction=f) for layer, f in expected]
+    assert stages == [DropStage(score_layer=layer - 1, apply_layer=layer, fraction=f) for layer, f in expected]
     # LLaVA-1.5 (Vicuna) setting: 576 tokens merged to 72 (3 rounds), then pruned from after layer 13 on 32 layers.
     counts = mmreduce.AIM(merge_ratio=0.125, start_layer=13, step=0.125).planned_counts(32, 576)
     assert counts == [72] * 14 + [63, 54, 45, 36, 27, 18, 9] + [0] * 11

@@ -197,3 +197,33 @@ def test_the_inner_model_can_be_wrapped_and_reduces_as_the_whole_one(module_llav
         inner_logits = module_llava.lm_head(hidden)
     assert inner_kept == whole_kept and whole_kept
     torch.testing.assert_close(inner_logits, whole_logits, rtol=0, atol=0)
+
+
+def test_a_stage_ranked_where_the_previous_one_applies_sees_the_shortened_stream(module_llava, llava_inputs):
+    """Stages (rank 1, apply 2) then (rank 2, apply 3): the second ranks layer 2's input, which the first already
+    shortened. The selection and logits equal the eager masked reference, which ranks on the masked stream."""
+    from dataclasses import dataclass
+
+    from mmreduce.methods import DropStage, ReductionMethod
+    from tests.support.masked_reference import masked_forward, reference_selection, text_view
+
+    @dataclass
+    class BackToBack(ReductionMethod):
+        name = "back_to_back"
+
+        def stages(self, num_layers):
+            return [DropStage(1, 2, ratio=0.5), DropStage(2, 3, ratio=0.5)]
+
+    image_id = module_llava.config.image_token_id
+    with mmreduce.wrap(module_llava, BackToBack()) as reduced, torch.no_grad():
+        logits = reduced(**llava_inputs).logits
+        kept = reduced.stats.kept_positions
+    assert [counts[:4] for counts in reduced.stats.vision_tokens_per_layer] == [[64, 64, 32, 16]] * 3
+    stages = [dict(score_layer=1, apply_layer=2, ratio=0.5), dict(score_layer=2, apply_layer=3, ratio=0.5)]
+    with torch.no_grad():
+        dropped_from, reference_kept = reference_selection(module_llava, llava_inputs, stages, image_id)
+        reference_logits, _ = masked_forward(module_llava, llava_inputs, dropped_from)
+    assert kept == reference_kept
+    input_mask, _ = text_view(module_llava, llava_inputs, image_id)
+    compared = input_mask & ~dropped_from[3]
+    assert torch.allclose(logits[compared], reference_logits[compared], atol=1e-5, rtol=0)
