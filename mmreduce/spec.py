@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .methods.base import ReductionMethod, create_method, list_methods, method_class
+from .methods.before import BeforeLLMMethod
 from .methods.compose import Compose
 
 __all__ = ["THEN", "BudgetUnreachable", "MethodSpec", "fit_equivalent", "parse_spec"]
@@ -170,17 +171,17 @@ def _parse_composed(text: str) -> MethodSpec:
         raise ValueError(f"a composed spec is 'BEFORE then INSIDE' (e.g. 'visionzip:keep_ratio=0.5 then pdrop'), "
                          f"got {text!r}")
     before, inside = (parse_spec(part) for part in parts)
-    if method_class(before.name).before_stage is ReductionMethod.before_stage:
-        raise ValueError(f"in {text!r}, {before.name} works inside the LLM; the part before 'then' must reduce before "
-                         f"the LLM ({', '.join(n for n in list_methods() if _is_before(n))})")
-    if _is_before(inside.name):
-        raise ValueError(f"in {text!r}, {inside.name} reduces before the LLM; the part after 'then' must work inside "
-                         "it (fastv, pdrop, schedule, ...)")
+    if not _is_before(before.name):
+        raise ValueError(f"in {text!r}, {before.name} is not a before-the-LLM method; the part before 'then' must be "
+                         f"one of {', '.join(n for n in list_methods() if _is_before(n))}")
+    if method_class(inside.name).before_stage is not ReductionMethod.before_stage:
+        raise ValueError(f"in {text!r}, {inside.name} reduces before the LLM itself; the part after 'then' must work "
+                         "inside it only (fastv, pdrop, schedule, ...)")
     return MethodSpec("compose", (), None, " ".join(text.split()), (before, inside))
 
 
 def _is_before(name: str) -> bool:
-    return method_class(name).before_stage is not ReductionMethod.before_stage
+    return issubclass(method_class(name), BeforeLLMMethod)
 
 
 def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, vision_tokens: int):
