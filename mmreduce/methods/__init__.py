@@ -12,6 +12,7 @@ from .pool import Pool
 from .random import Random
 from .schedule import Schedule
 from .stride import Stride
+from .tcc import TCC
 from .tome import ToMe, bipartite_merge_plan
 from .visionzip import VisionZip
 
@@ -30,6 +31,7 @@ __all__ = [
     "ScoreContext",
     "SignalRequest",
     "Stride",
+    "TCC",
     "TokenPlan",
     "ToMe",
     "VisionTokens",
