@@ -156,10 +156,11 @@ def parse_spec(text: str) -> MethodSpec:
             kwargs[key] = _parse_value(value, hints.get(key, Any), key)
         except ValueError as error:
             raise ValueError(f"{name}: {error} (spec {text!r})") from None
-    if equivalent is not None and "keep_ratio" not in fields:
-        raise ValueError(f"equivalent= needs a method with a keep_ratio field, {name} has none")
-    if equivalent is not None and "keep_ratio" in kwargs:
-        raise ValueError(f"give either keep_ratio or equivalent in {text!r}, not both")
+    budget = cls.budget_field
+    if equivalent is not None and budget not in fields:
+        raise ValueError(f"equivalent= needs a method with a {budget} field, {name} has none")
+    if equivalent is not None and budget in kwargs:
+        raise ValueError(f"give either {budget} or equivalent in {text!r}, not both")
     create_method(name, **kwargs)  # validate the fields now
     return MethodSpec(name, tuple(sorted(kwargs.items())), equivalent, text.strip())
 
@@ -185,16 +186,18 @@ def _is_before(name: str) -> bool:
 
 
 def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, vision_tokens: int):
-    """The method with `keep_ratio` fitted (bisection) so that its mean vision tokens over layers match the budget.
+    """The method with its budget field (`keep_ratio`, or the class's `budget_field`) fitted by bisection so that its
+    mean vision tokens over layers match the budget.
 
     `equivalent` <= 1 is a fraction of `vision_tokens`, > 1 a token count. Raises `BudgetUnreachable` when the
     budget is below what the method can reach at its layers (layer 0 and the layers before the first drop stay
     full), and ValueError when the method itself does not fit the model (e.g. a drop layer out of range).
     """
     target = equivalent * vision_tokens if equivalent <= 1 else equivalent
+    field = method_class(name).budget_field
 
     def mean_tokens(ratio: float) -> float:
-        method = create_method(name, **kwargs, keep_ratio=ratio)
+        method = create_method(name, **kwargs, **{field: ratio})
         counts = method.planned_counts(num_layers, vision_tokens)
         return sum(counts) / num_layers
 
@@ -205,7 +208,7 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
             f"its minimum is {mean_tokens(low):.1f} (layers before the first drop keep all {vision_tokens})"
         )
     if mean_tokens(high) <= target:
-        return create_method(name, **kwargs, keep_ratio=1.0)
+        return create_method(name, **kwargs, **{field: 1.0})
     for _ in range(60):
         middle = (low + high) / 2
         if mean_tokens(middle) > target:
@@ -213,4 +216,4 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
         else:
             low = middle
     # Floor (not round) to 6 digits: the fitted method must stay within the budget.
-    return create_method(name, **kwargs, keep_ratio=max(math.floor(low * 1e6) / 1e6, 1e-6))
+    return create_method(name, **kwargs, **{field: max(math.floor(low * 1e6) / 1e6, 1e-6)})

@@ -312,6 +312,7 @@ class AIM(ReductionMethod):
 
     merge_ratio: float = 0.25
     start_layer: int = 14
+    budget_field = "merge_ratio"  # `aim:equivalent=F` fits the merge to the budget, the schedule as given
     step: float = 0.125
     tau: float = 0.1
     iterations: int = 5

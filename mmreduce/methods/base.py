@@ -167,6 +167,8 @@ class ReductionMethod:
     (`ValueError` naming the field) and override `stages` and, unless attention ranking fits, `score`."""
 
     name: ClassVar[str] = "base"
+    #: The field that `equivalent=` budgets fit (a share in (0, 1] that fewer tokens follow from).
+    budget_field: ClassVar[str] = "keep_ratio"
 
     @classmethod
     def example(cls, num_layers: int, keep_all: bool = False) -> "ReductionMethod":
