@@ -35,7 +35,13 @@ Token layout (`token_layout`), in the text model's order (the expanded prompt's 
 (32 x 8 at 448 px with 1x4: token (r, c) covers patch row r, patches 4c .. 4c+3) row-major, then its `vit_eos`
 (panel END_OF_PANEL, `row` = the panel it closes). The crop grid comes from the processor's `patch_positions`
 ((row, col) of each crop, (9, 9) for the global image), which the inputs must hold; the pixels are `pixel_values`
-rows in placeholder order. Positions to draw kept tokens with are those of the expanded prompt.
+rows in placeholder order. Positions to draw kept tokens with are those of the expanded prompt. `batch_token_layout`
+(what the before-the-LLM stage reads) works without `patch_positions` too, which the model itself ignores: each
+prompt's placeholders are then one page, global image first, crops in the processor's row-major order.
+
+ViT (for before-the-LLM methods that read it): CLS first, attention modules `encoder.layers[i].self_attn` with one
+fused `query_key_value` projection read per head as (S, H, 3, hd) (`vision_query_keys`); token (r, c) of a crop reads
+patch row r, patches 4c .. 4c+3 (the 1x4 H-Reducer), and `vit_eos` reads none.
 """
 
 from __future__ import annotations
@@ -73,51 +79,95 @@ class DocOwlAdapter(ComposedVLMAdapter):
         return (int(self.model.config.image_token_id),)
 
     def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
-        """Per page: the global image (panel 0), then the crops, each crop's H-Reducer grid row-major and its
-        `vit_eos` (END_OF_PANEL); in the text model's order. Needs `patch_positions` (the processor's third output)
-        with the global images (ValueError otherwise)."""
-        config = self.model.config
-        positions = inputs.get("patch_positions")
-        if positions is None:
+        """Per page of the first prompt: the global image (panel 0), then the crops, each crop's H-Reducer grid
+        row-major and its `vit_eos` (END_OF_PANEL); in the text model's order. Needs `patch_positions` (the
+        processor's third output) with the global images (ValueError otherwise): the overlays draw the crops where
+        they are in the page."""
+        if inputs.get("patch_positions") is None:
             raise ValueError("the DocOwl layout needs `patch_positions` (N, 2), the processor's (row, col) of each "
                              "crop and (9, 9) of each global image; add it to the inputs")
-        positions = [tuple(int(v) for v in row) for row in torch.as_tensor(positions).view(-1, 2).tolist()]
-        placeholders = int(super().count_vision_tokens(inputs["input_ids"][:1])[0])
-        if placeholders != len(positions):
-            raise ValueError(f"the prompt holds {placeholders} image placeholders but patch_positions lists "
-                             f"{len(positions)} crops")
-        if not positions:
-            return [], []
-        glob = positions[0]
-        if glob == (0, 0):
-            raise ValueError("the DocOwl layout needs each page's global image first (add_global_img), its position "
-                             "tells pages apart")
+        return self._crop_layout(inputs, inputs["input_ids"][:1])
+
+    def batch_token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """`token_layout` of every prompt of the batch (pages numbered across it; `patch_positions` lists the crops
+        of the whole batch in placeholder order). Without `patch_positions` (the model itself ignores them), each
+        prompt's placeholders are read as one page: the first is the global image (panel 0), the k-th after it
+        crop k (the processor's row-major order), `ImageGrid.crops` (0, 0) as the grid is unknown; pages of a
+        multi-page prompt then share one image number, which per-panel methods do not see."""
+        return self._crop_layout(inputs, inputs["input_ids"])
+
+    def _crop_layout(self, inputs: dict, prompts: torch.Tensor) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """The layout of `prompts` (B, T), the first rows of `inputs["input_ids"]`; their crops are the first
+        placeholders of the batch (and rows of `patch_positions` / `pixel_values`), in placeholder order."""
+        config = self.model.config
+        mask = inputs.get("attention_mask")
+        placeholders = super().vision_mask(input_ids=prompts)  # (B, T)
+        if mask is not None:
+            placeholders &= mask[:prompts.shape[0]].bool()
+        counts = placeholders.sum(dim=1).tolist()  # crops of each prompt
+        positions = inputs.get("patch_positions")
+        if positions is not None:
+            positions = [tuple(int(v) for v in row) for row in torch.as_tensor(positions).view(-1, 2).tolist()]
+            whole = prompts.shape[0] == inputs["input_ids"].shape[0]
+            if len(positions) < sum(counts) or (whole and len(positions) != sum(counts)):
+                raise ValueError(f"the prompts hold {sum(counts)} image placeholders but patch_positions lists "
+                                 f"{len(positions)} crops")
         vision = config.vision_config
         rows, cols = config.hreducer_config.token_grid(vision.image_size // vision.patch_size)
-        pages = []  # per page: placeholder indices, global first
-        for index, where in enumerate(positions):
-            if where == glob:
-                pages.append([index])
-            else:
-                pages[-1].append(index)
+        pages = []  # per page: placeholder indices over the batch, global image first
+        first = 0
+        for count in counts:
+            members = list(range(first, first + count))
+            first += count
+            if not members:
+                continue
+            if positions is None:
+                pages.append(members)
+                continue
+            glob = positions[members[0]]
+            if glob == (0, 0):
+                raise ValueError("the DocOwl layout needs each page's global image first (add_global_img), its "
+                                 "position tells pages apart")
+            for index in members:
+                if positions[index] == glob:
+                    pages.append([index])
+                else:
+                    pages[-1].append(index)
         cells: list[TokenCell] = []
         grids: list[ImageGrid] = []
         for image, members in enumerate(pages):
-            crops = [positions[i] for i in members[1:]]
-            grid_rows = 1 + max((r for r, _ in crops), default=-1)
-            grid_cols = 1 + max((c for _, c in crops), default=-1)
-            if len(crops) != grid_rows * grid_cols:
-                raise ValueError(f"page {image} has {len(crops)} crops for a {grid_rows} x {grid_cols} grid")
-            panel_of = {members[0]: 0}
-            panel_of.update({i: 1 + r * grid_cols + c for i, (r, c) in zip(members[1:], crops)})
+            if positions is None:
+                panel_of = {index: panel for panel, index in enumerate(members)}
+                crop_grid = (0, 0)
+            else:
+                crops = [positions[i] for i in members[1:]]
+                grid_rows = 1 + max((r for r, _ in crops), default=-1)
+                grid_cols = 1 + max((c for _, c in crops), default=-1)
+                if len(crops) != grid_rows * grid_cols:
+                    raise ValueError(f"page {image} has {len(crops)} crops for a {grid_rows} x {grid_cols} grid")
+                panel_of = {members[0]: 0}
+                panel_of.update({i: 1 + r * grid_cols + c for i, (r, c) in zip(members[1:], crops)})
+                crop_grid = (grid_rows, grid_cols) if crops else (0, 0)
             for index in members:
                 panel = panel_of[index]
                 cells += [TokenCell(image, panel, r, c) for r in range(rows) for c in range(cols)]
                 cells.append(TokenCell(image, END_OF_PANEL, panel, -1))
             by_panel = sorted((panel, index) for index, panel in panel_of.items())
             panels = tuple(Panel(rows, cols, index=(index,)) for _, index in by_panel)
-            grids.append(ImageGrid((grid_rows, grid_cols) if crops else (0, 0), rows if rows == cols else 0, panels))
+            grids.append(ImageGrid(crop_grid, rows if rows == cols else 0, panels))
         return cells, grids
+
+    # ---- the ViT, for before-the-LLM methods that read it -----------------------------------------------------
+    def vision_query_keys(self, attention: nn.Module, hidden: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The ViT's fused `query_key_value` read per head as the stand-in's attention reads it: (N, S, H, 3, hd),
+        q, k and v of one head adjacent. Returns the CLS query (N, H, hd), every key (N, H, S, hd) and the scale."""
+        batch, seq, _ = hidden.shape
+        heads, head_dim = attention.num_heads, attention.head_dim
+        fused = attention.query_key_value(hidden).view(batch, seq, heads, 3, head_dim)
+        query = fused[:, 0, :, 0]  # (N, H, hd): the CLS token's query
+        key = fused[:, :, :, 1].transpose(1, 2)  # (N, H, S, hd)
+        return query, key, float(attention.scaling)
 
     def count_vision_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,) vision tokens the LLM will see: placeholders x tokens per crop (257 at 448 px)."""

@@ -13,7 +13,16 @@ Token layout (`token_layout`): image i's tokens are its crops' tokens, crop by c
 0.5). The crop grid is not in the processor outputs: it is GotOcr2's choice for the image's original size (the
 `image_sizes` (N, 2) (height, width) that `mmreduce.demo.compare.prepare_inputs` adds), restricted to the tile count
 the prompt holds, which gives the processor's own grid whatever its min/max tile settings. The tiles' pixels are
-`pixel_values` rows in prompt order (each image's crops, then its thumbnail).
+`pixel_values` rows in prompt order (each image's crops, then its thumbnail). `batch_token_layout` (what the
+before-the-LLM stage reads) needs no `image_sizes`, which the stock processor does not return: a tile is a fixed run
+of context tokens, so crops are panels 1 .. n in the processor's order and only their place in the image (the
+`ImageGrid.crops` grid) stays unknown, (0, 0).
+
+Vision tower (for before-the-LLM methods that read it): InternViT has a CLS token first; its attention modules are
+`encoder.layer[i].attention` with separate q/k projections and, where `use_qk_norm` is set (InternViT-6B), an RMSNorm
+over the full width of q and of k before the heads are split, which the default probe applies in that order. Token
+(r, c) of a tile reads patches 2r..2r+1 x 2c..2c+1 of the tower's grid: the pixel shuffle transposes twice and the
+transposes cancel, so the layout's (row, col) lay over the patch grid as they are.
 
 The language model is Qwen2 (Llama-style layers with GQA and q/k/v biases, rotate-half RoPE, 2-D position ids):
 the default probe and kwargs gathering of `ModelAdapter` fit it as they are. Module paths are LLaVA's
@@ -59,54 +68,78 @@ class InternVLAdapter(ComposedVLMAdapter):
         return int(size[0] // patch[0] * ratio), int(size[1] // patch[1] * ratio)
 
     def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
-        """Crops (panels 1 .. n, row-major) then the thumbnail (panel 0) of each image, every tile's tokens
-        row-major; needs `image_sizes` (N, 2) of the original (height, width) of each image (ValueError without)."""
+        """Crops (panels 1 .. n, row-major) then the thumbnail (panel 0) of each image of the first prompt, every
+        tile's tokens row-major; needs `image_sizes` (N, 2) of the original (height, width) of each image
+        (ValueError without), because the overlays draw the crops where they are in the image."""
+        if inputs.get("image_sizes") is None:
+            raise ValueError("InternVL's crop grid is not in the processor outputs: the layout needs `image_sizes` "
+                             "(N, 2), the original (height, width) of each image (mmreduce.demo.compare."
+                             "prepare_inputs adds it)")
+        return self._tile_layout(inputs, inputs["input_ids"][:1])
+
+    def batch_token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """`token_layout` of every prompt of the batch (images numbered across it), without needing `image_sizes`:
+        the stock processor does not return it, and a tile's tokens are a fixed-size run of context tokens whatever
+        the crop grid. Without `image_sizes`, crop k of an image is panel k (1 .. n, in the processor's row-major
+        order) with its (row, col) inside the tile, and the image's `ImageGrid.crops` is (0, 0): where a crop lies
+        in the image is unknown (its pixels are still `panels[k]`). With `image_sizes`, as `token_layout`."""
+        return self._tile_layout(inputs, inputs["input_ids"])
+
+    def _tile_layout(self, inputs: dict, prompts: torch.Tensor) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """The layout of `prompts` (B, T) (the first rows of `inputs["input_ids"]`); their tiles are the first rows
+        of `pixel_values`, prompt after prompt, image after image."""
         from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
         if inputs.get("pixel_values_videos") is not None:
             raise NotImplementedError("InternVLAdapter has no token layout for video inputs (pixel_values_videos); "
                                       "pass the frames as images")
-        sizes = inputs.get("image_sizes")
-        if sizes is None:
-            raise ValueError("InternVL's crop grid is not in the processor outputs: the layout needs `image_sizes` "
-                             "(N, 2), the original (height, width) of each image (mmreduce.demo.compare."
-                             "prepare_inputs adds it)")
         rows, cols = self.tile_side()
         per_tile = rows * cols
-        runs = _runs(inputs["input_ids"][0] == int(self.model.config.image_token_id))
-        sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(sizes).view(-1, 2).tolist()]
-        if len(runs) != len(sizes):
-            raise ValueError(f"the prompt holds {len(runs)} images but image_sizes has {len(sizes)}")
+        whole = prompts.shape[0] == inputs["input_ids"].shape[0]  # every prompt of the inputs, so every tile
+        context = prompts == int(self.model.config.image_token_id)  # (B, T)
+        if inputs.get("attention_mask") is not None:
+            context &= inputs["attention_mask"][:prompts.shape[0]].bool()
+        runs = [length for row in context for length in _runs(row)]  # context tokens of each image, in order
+        sizes = inputs.get("image_sizes")
+        if sizes is not None:
+            sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(sizes).view(-1, 2).tolist()]
+            if len(sizes) < len(runs) or (whole and len(sizes) != len(runs)):
+                raise ValueError(f"the prompts hold {len(runs)} images but image_sizes has {len(sizes)}")
         tile_px = _pair(self.model.config.vision_config.image_size)
+        grid_cells = [(r, c) for r in range(rows) for c in range(cols)]
+        square = rows if rows == cols else 0
         cells: list[TokenCell] = []
         grids: list[ImageGrid] = []
         offset = 0  # first pixel_values row of the image
-        for image, (length, size) in enumerate(zip(runs, sizes)):
+        for image, length in enumerate(runs):
             if length % per_tile:
                 raise ValueError(f"image {image} has {length} context tokens, not a multiple of {per_tile} per tile")
             tiles = length // per_tile
-            grid_cells = [(r, c) for r in range(rows) for c in range(cols)]
             if tiles == 1:
                 cells += [TokenCell(image, 0, r, c) for r, c in grid_cells]
-                grids.append(ImageGrid((0, 0), rows if rows == cols else 0, (Panel(rows, cols, index=(offset,)),)))
+                grids.append(ImageGrid((0, 0), square, (Panel(rows, cols, index=(offset,)),)))
                 offset += 1
                 continue
             crops = tiles - 1
-            # GotOcr2's canvas choice among the grids of exactly `crops` tiles: the same as its choice among all
-            # grids of min..max tiles whenever that choice had `crops` tiles (ties break the same way).
-            grid_cols, grid_rows = get_optimal_tiled_canvas(size, tile_px, crops, crops)
-            if grid_cols * grid_rows != crops:
-                raise ValueError(f"image {image} ({size[1]}x{size[0]} px) has {crops} crops, which no tile grid of "
-                                 "the image processor gives")
+            crop_grid = (0, 0)  # unknown without the image's size
+            if sizes is not None:
+                size = sizes[image]
+                # GotOcr2's canvas choice among the grids of exactly `crops` tiles: the same as its choice among all
+                # grids of min..max tiles whenever that choice had `crops` tiles (ties break the same way).
+                grid_cols, grid_rows = get_optimal_tiled_canvas(size, tile_px, crops, crops)
+                if grid_cols * grid_rows != crops:
+                    raise ValueError(f"image {image} ({size[1]}x{size[0]} px) has {crops} crops, which no tile grid "
+                                     "of the image processor gives")
+                crop_grid = (grid_rows, grid_cols)
             for crop in range(crops):
                 cells += [TokenCell(image, 1 + crop, r, c) for r, c in grid_cells]
             cells += [TokenCell(image, 0, r, c) for r, c in grid_cells]
             panels = [Panel(rows, cols, index=(offset + crops,))]  # the thumbnail, after the crops
             panels += [Panel(rows, cols, index=(offset + crop,)) for crop in range(crops)]
-            grids.append(ImageGrid((grid_rows, grid_cols), rows if rows == cols else 0, tuple(panels)))
+            grids.append(ImageGrid(crop_grid, square, tuple(panels)))
             offset += tiles
-        if "pixel_values" in inputs and offset != inputs["pixel_values"].shape[0]:
-            raise ValueError(f"the prompt's context tokens make {offset} tiles but pixel_values holds "
+        if whole and "pixel_values" in inputs and offset != inputs["pixel_values"].shape[0]:
+            raise ValueError(f"the prompts' context tokens make {offset} tiles but pixel_values holds "
                              f"{inputs['pixel_values'].shape[0]}")
         return cells, grids
 

@@ -3,6 +3,11 @@
 Both merge projected vision features into the positions of `config.image_token_id`; LLaVA-NeXT's anyres crops and
 its `image_newline` rows use the same placeholder id, so one vision mask covers base image, crops and newlines.
 The adapter takes the whole model or its inner `.model` (`LlavaModel` / `LlavaNextModel`, no LM head).
+
+`token_layout` reads every image of the inputs (`pixel_values` rows, LLaVA-NeXT's `image_sizes`), so it is the batch
+layout as well, several images per prompt included. Vision tower (for before-the-LLM methods that read it): CLIP,
+CLS first, `encoder.layers[i].self_attn` with q/k projections (the defaults of `ModelAdapter`); a token reads the one
+patch under it (LLaVA-NeXT: of its base image or crop; newline tokens read none).
 """
 
 from __future__ import annotations

@@ -17,7 +17,12 @@ Token layout (`token_layout`): the images and videos of a prompt in prompt order
 one); an image is one panel of (h/merge) x (w/merge) tokens, row-major; a video is `frames` = t panels, one per
 temporal slice (panel k = slice k), each (h/merge) x (w/merge) row-major, slice after slice. Their pixels are
 `pixel_values` / `pixel_values_videos` rows (flattened patches, images and videos each in prompt order), unpacked
-into pictures by `PatchPacking` (the first frame of a temporal slice stands for it).
+into pictures by `PatchPacking` (the first frame of a temporal slice stands for it). `batch_token_layout` lays out
+every prompt of a batch, images and videos numbered across it.
+
+Vision tower: no CLS token, and every image of a call runs as one flattened sequence (2-D RoPE; windows in
+Qwen2.5-VL), so methods that rank by the tower's CLS attention or keys are refused here; `positions="packed"` is
+refused too (the positions have three axes), while pool and stride run with the original positions.
 """
 
 from __future__ import annotations
@@ -46,24 +51,46 @@ class Qwen2VLAdapter(ComposedVLMAdapter):
         config = self.model.config
         return (int(config.image_token_id), int(config.video_token_id))
 
+    #: Qwen's ViT has no CLS token: its patches attend to each other only (and Qwen2.5-VL's mostly in windows).
+    vision_has_cls = False
+
+    def vision_attention_modules(self) -> None:
+        """None: the tower runs every image of a call as one flattened sequence of variable-size grids (with 2-D
+        RoPE, and windows in Qwen2.5-VL), which the per-panel CLS/key probe does not read, so methods that rank by
+        the tower's attention or keys are refused on this family with a message naming the alternatives."""
+        return
+
     def token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
-        """Images (one panel each) and videos (one panel per temporal slice) in prompt order, each panel's
-        (h/merge) x (w/merge) tokens row-major; from `image_grid_thw` / `video_grid_thw` and the merge size."""
+        """Images (one panel each) and videos (one panel per temporal slice) of the first prompt in prompt order,
+        each panel's (h/merge) x (w/merge) tokens row-major; from `image_grid_thw` / `video_grid_thw` and the merge
+        size."""
+        return self._grid_layout(inputs, inputs["input_ids"][:1])
+
+    def batch_token_layout(self, inputs: dict) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """`token_layout` of every prompt of the batch, prompt after prompt, images and videos numbered across it
+        (`image_grid_thw` / `video_grid_thw` list them over the whole batch, in that order)."""
+        return self._grid_layout(inputs, inputs["input_ids"])
+
+    def _grid_layout(self, inputs: dict, prompts) -> tuple[list[TokenCell], list[ImageGrid]]:
+        """The layout of `prompts` (B, T), the first rows of `inputs["input_ids"]`."""
         config = self.model.config
         vision = config.vision_config
         merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
-        ids = inputs["input_ids"][0].tolist()
         kinds = {int(config.image_token_id): ("image_grid_thw", "pixel_values"),
                  int(config.video_token_id): ("video_grid_thw", "pixel_values_videos")}
-        runs: list[tuple[int, int]] = []  # (pad id, length) of each run of pads
-        previous = None
-        for token in ids:
-            if token in kinds:
-                if previous == token:
-                    runs[-1] = (token, runs[-1][1] + 1)
-                else:
-                    runs.append((token, 1))
-            previous = token
+        runs: list[tuple[int, int]] = []  # (pad id, length) of each run of pads, prompt after prompt
+        mask = inputs.get("attention_mask")
+        for row, ids in enumerate(prompts.tolist()):
+            real = mask[row].tolist() if mask is not None else [1] * len(ids)
+            previous = None
+            for token, present in zip(ids, real):
+                token = token if present else None
+                if token in kinds:
+                    if previous == token:
+                        runs[-1] = (token, runs[-1][1] + 1)
+                    else:
+                        runs.append((token, 1))
+                previous = token
         used = {token: 0 for token in kinds}  # images / videos of each kind laid out so far
         start = {token: 0 for token in kinds}  # first patch row of the next one
         cells: list[TokenCell] = []
