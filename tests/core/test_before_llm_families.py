@@ -22,7 +22,7 @@ from mmreduce.adapters.base import END_OF_PANEL, TokenCell
 
 import mmreduce
 from mmreduce.before_llm import TowerProbe, token_signals
-from mmreduce.methods import Pool, Stride
+from mmreduce.methods import Compose, Pool, PyramidDrop, Stride
 from mmreduce.methods.before import BeforeLLMMethod, SignalRequest, TokenPlan, VisionTokens
 from tests.support.vlm_factory import (
     BOS_TOKEN,
@@ -436,6 +436,44 @@ def test_packed_positions_are_refused_on_multi_axis_rope(family):
         with mmreduce.wrap(model, Stride(keep_ratio=0.5), positions="packed") as reduced, refusal:
             reduced(**batch)
         assert torch.equal(model(**batch).logits, stock)  # nothing was left half-applied
+
+
+FAMILY_CASES = ["llava-one-image", "llava_next-crops", "internvl-tiles", "docowl-crops", "qwen2_vl-one-image",
+                "qwen2_5_vl-one-image"]
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_beam_search_with_a_reduced_prompt(name):
+    """Beams repeat each sample (and DocOwl its crops): cached equals cache-free, and the first sample's beams
+    equal that sample alone."""
+    model, batch, _ = built(name)
+    beam = {"max_new_tokens": 3, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}
+    with torch.no_grad(), mmreduce.wrap(model, Pool(keep_ratio=0.25)) as reduced:
+        cached = reduced.generate(**batch, **beam)
+        uncached = reduced.generate(**batch, **beam, use_cache=False)
+        first_alone = reduced.generate(**CASE_BY_NAME[name].alone(batch, 0), **beam)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:2, -3:], first_alone[:, -3:])
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_compose_drops_inside_the_llm_from_the_tokens_the_before_stage_kept(name):
+    """Stride before the LLM, then PyramidDrop at layer 1 of 2: the in-LLM stage starts from the tokens stride
+    kept (counted by hand), keeps half of them, and the reduced generate is the same with and without a cache and
+    for each sample alone."""
+    model, batch, captured = built(name)
+    groups = hand_groups(CASE_BY_NAME[name], "stride", batch, vision_positions(model, batch, captured))
+    composed = Compose(Stride(keep_ratio=0.5), PyramidDrop.example(LAYERS))
+    with torch.no_grad(), mmreduce.wrap(model, composed) as reduced:
+        cached = reduced.generate(**batch, max_new_tokens=3, do_sample=False)
+        counts = reduced.stats.vision_tokens_per_layer
+        uncached = reduced.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
+        alone = [reduced.generate(**CASE_BY_NAME[name].alone(batch, row), max_new_tokens=3, do_sample=False)
+                 for row in range(batch["input_ids"].shape[0])]
+    assert counts == [[len(row), math.ceil(len(row) / 2)] for row in groups]
+    assert torch.equal(cached, uncached)
+    for row, tokens in enumerate(alone):
+        assert torch.equal(tokens[0, -3:], cached[row, -3:])
 
 
 def test_hand_written_qwen_positions_are_the_stock_ones():
