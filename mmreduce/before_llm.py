@@ -61,7 +61,8 @@ class TowerProbe:
         kinds = sorted({r.kind for r in requests})
         if modules is None:
             raise ValueError(f"{type(adapter).__name__} cannot read its vision tower's attention, which "
-                             f"{'/'.join(kinds)} scoring needs; use pool or stride on this family")
+                             f"{'/'.join(kinds)} scoring needs; use pool, stride or tome (metric=features) on this "
+                             "family")
         if "cls_attention" in kinds and not adapter.vision_has_cls:
             raise ValueError(f"the vision tower of {type(adapter).__name__} has no CLS token, so there is no CLS "
                              "attention to rank by; use tome, pool or stride on this family")
