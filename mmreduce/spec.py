@@ -157,6 +157,9 @@ def parse_spec(text: str) -> MethodSpec:
         except ValueError as error:
             raise ValueError(f"{name}: {error} (spec {text!r})") from None
     budget = cls.budget_field
+    if equivalent is not None and budget is None:
+        raise ValueError(f"equivalent= is not defined for {name} (what it keeps does not follow from a token count); "
+                         f"give its fields instead: {sorted(fields)}")
     if equivalent is not None and budget not in fields:
         raise ValueError(f"equivalent= needs a method with a {budget} field, {name} has none")
     if equivalent is not None and budget in kwargs:

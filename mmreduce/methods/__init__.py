@@ -7,6 +7,7 @@ from .baseline import Baseline
 from .before import BeforeLLMMethod, SignalRequest, TokenPlan, VisionTokens
 from .compose import Compose
 from .fastv import FastV
+from .frames import FrameSample
 from .pdrop import PyramidDrop, default_pdrop_layers
 from .pool import Pool
 from .random import Random
@@ -23,6 +24,7 @@ __all__ = [
     "Compose",
     "DropStage",
     "FastV",
+    "FrameSample",
     "Pool",
     "PyramidDrop",
     "Random",

@@ -168,7 +168,7 @@ class ReductionMethod:
 
     name: ClassVar[str] = "base"
     #: The field that `equivalent=` budgets fit (a share in (0, 1] that fewer tokens follow from).
-    budget_field: ClassVar[str] = "keep_ratio"
+    budget_field: ClassVar[str | None] = "keep_ratio"
 
     @classmethod
     def example(cls, num_layers: int, keep_all: bool = False) -> "ReductionMethod":
