@@ -123,8 +123,9 @@ def _method_spec(method: Any, fields: dict[str, Any]) -> MethodSpec:
     # lmms-eval already turned "0.5" into 0.5, "2" into 2 and "true" into True; str() gives parse_spec back the same
     # text, and a list field given one value (`layers=2`) is the one-element list.
     extra = [f"{key}={value}" for key, value in fields.items()]
-    if extra:
-        text += ("," if ":" in text else ":") + ",".join(extra)
+    if extra:  # fields outside method= belong to the last method of a composed SPEC
+        last = text.split(" then ")[-1]
+        text += ("," if ":" in last else ":") + ",".join(extra)
     try:
         return parse_spec(text)
     except ValueError as exc:

@@ -50,6 +50,13 @@ def test_model_args_become_a_method_spec():
     assert parse_model_args("x", device="cpu").spec.name == "baseline"
     # lmms-eval turns "layers=2" into the int 2; a list field still gets a list
     assert dict(parse_model_args("x", method="pdrop", layers=2, device="cpu").spec.kwargs) == {"layers": (2,)}
+    # before the LLM, and composed (the fields outside method= belong to its in-LLM part)
+    args = parse_model_args("x", method="visionzip", keep_ratio=0.25, device="cpu")
+    assert (args.spec.name, dict(args.spec.kwargs)) == ("visionzip", {"keep_ratio": 0.25})
+    args = parse_model_args("x", method="tome:keep_ratio=0.5 then pdrop", keep_ratio=0.25, device="cpu")
+    before, inside = args.spec.parts
+    assert (before.name, dict(before.kwargs), inside.name, dict(inside.kwargs)) == (
+        "tome", {"keep_ratio": 0.5}, "pdrop", {"keep_ratio": 0.25})
 
 
 @pytest.mark.parametrize("kwargs, message", [
