@@ -197,6 +197,9 @@ def fit_equivalent(name: str, kwargs: dict, equivalent: float, num_layers: int, 
     full), and ValueError when the method itself does not fit the model (e.g. a drop layer out of range).
     """
     target = equivalent * vision_tokens if equivalent <= 1 else equivalent
+    if target > vision_tokens:
+        raise ValueError(f"equivalent={equivalent:g} asks for {target:g} vision tokens, but the prompt has "
+                         f"{vision_tokens}; ask for at most {vision_tokens} tokens or a fraction <= 1")
     field = method_class(name).budget_field
 
     def mean_tokens(ratio: float) -> float:

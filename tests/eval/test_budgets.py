@@ -183,3 +183,9 @@ def test_compare_writes_and_flags_an_over_budget_psigmoid(untrained_tiny_checkpo
     table = (out / "comparison.md").read_text()
     assert re.search(r"\| 40\.0% \|.*; over budget: 0\.\d+ > 0\.4\) \|$", table, re.M)
     assert "`psigmoid-0.4` keeps" in table.splitlines()[-1]
+
+
+@pytest.mark.parametrize("spec", ["visionzip:equivalent=300", "pdrop:equivalent=257"])
+def test_a_budget_above_the_available_tokens_is_refused(spec):
+    with pytest.raises(ValueError, match=r"asks for (300|257) vision tokens, but the prompt has 256"):
+        mmreduce.parse_spec(spec).build(num_layers=8, vision_tokens=256)
