@@ -10,7 +10,6 @@ import re
 import pytest
 
 import mmreduce
-
 from mmreduce.eval.compare import budget_check, comparison_markdown
 from mmreduce.eval.tune import add_subparser
 from mmreduce.methods.schedule import Schedule
