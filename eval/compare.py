@@ -5,7 +5,8 @@
 On the benchmark's `calibration` split it runs the attention-rank analysis, G-Search at its own operating point
 (tolerance ε, "no loss, least cost"), G-Search under each budget (`gsearch_within`) and P-Sigmoid tuned by
 Bayesian optimization for each budget. Then, on the `test` split (never the calibration split), it evaluates the
-baseline, random, FastV, PyramidDrop and the searched schedules side by side with `mmreduce bench`.
+baseline, random, FastV, PyramidDrop and the searched schedules side by side with `mmreduce bench`; `--with
+visionzip tome ...` adds methods fitted to each budget (`NAME:equivalent=B`), e.g. the before-the-LLM ones.
 
 Output (`--out DIR`): `rank/` (JSON + Kendall τ heat map), `schedules/*.json` (each with a `.log.json` of its
 search), `bench/` (results.json / .md / accuracy_vs_flops.png, per-sample predictions) and `summary.json` with
@@ -19,6 +20,7 @@ fits) is written with `"budget_met": false`, warned about, flagged in `summary.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -62,7 +64,7 @@ def comparison_markdown(summary: dict) -> str:
     table names it: it is not an equal-budget result."""
     rows = summary["results"]
     baseline = next(r for r in rows if r["spec"] == "baseline")
-    families = ("random", "fastv", "pdrop", "gsearch", "psigmoid")
+    families = ("random", "fastv", "pdrop", "gsearch", "psigmoid", *summary.get("with_methods", ()))
     over: list[str] = []
 
     def cell(row: dict) -> str:
@@ -81,7 +83,7 @@ def comparison_markdown(summary: dict) -> str:
              f"| baseline | {cell(baseline)} |" + " |" * (len(families) - 1)]
     own = next((r for r in rows if r["spec"].endswith("/gsearch.json")), None)
     if own is not None:
-        lines.append("| G-Search, own point | | | | " + cell(own) + " | |")
+        lines.append("| G-Search, own point | | | | " + cell(own) + " |" + " |" * (len(families) - 4))
     reduced = rows[2:] if own is not None else rows[1:]
     for start in range(0, len(reduced), len(families)):
         group = {_family(r["spec"]): r for r in reduced[start:start + len(families)]}
@@ -96,7 +98,8 @@ def comparison_markdown(summary: dict) -> str:
 
 def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS, calibration_samples: int = 64,
                 samples: int = 200, seed: int = 0, objective: str = "agreement", epsilon: float = 0.01,
-                grid: int = 16, trials: int = 30, batch_size: int = 16, progress: bool = True) -> dict:
+                grid: int = 16, trials: int = 30, batch_size: int = 16, progress: bool = True,
+                with_methods: tuple[str, ...] = ()) -> dict:
     """Runs the whole comparison (see the module docstring); returns the summary written to `out/summary.json`."""
     import torch
 
@@ -107,6 +110,16 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
     from .tune import calibration_set
 
     budgets = [float(b) for b in budgets]
+    import mmreduce
+
+    def fits_budgets(name: str) -> bool:
+        cls = mmreduce.method_class(name)
+        return cls.budget_field in {f.name for f in dataclasses.fields(cls)}
+
+    for name in with_methods:
+        if name not in mmreduce.list_methods() or not fits_budgets(name):
+            raise ValueError(f"--with {name}: not a registered method that takes an equivalent= budget; choose from "
+                             f"{[n for n in mmreduce.list_methods() if fits_budgets(n)]}")
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise ValueError(f"budgets must be fractions in (0, 1], got {budgets!r}")
     root = Path(out)
@@ -167,6 +180,7 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
             continue
         budgets_run.append(budget)
         specs += _baselines(budget, depth)
+        specs += [f"{name}:equivalent={budget}" for name in with_methods]
         schedule, result, tolerance = gsearch_within(calibration, budget, grid, model_name, score_cache=scores)
         specs.append("schedule:path=" + record(f"gsearch-{budget}", schedule, {
             "budget": budget, "epsilon": tolerance, "evaluations": result.evaluations,
@@ -179,6 +193,7 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
     summary["searches"] = searches
     summary["skipped_budgets"] = skipped
     summary["budgets_run"] = budgets_run
+    summary["with_methods"] = list(with_methods)
 
     rows = run_bench(BenchConfig(model=model_name, dataset=dataset, specs=specs, samples=samples, seed=seed,
                                  split="test", batch_size=batch_size, out=str(root / "bench"), progress=progress))
@@ -227,6 +242,8 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--trials", type=int, default=30, help="P-Sigmoid Bayesian optimization trials")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--with", dest="with_methods", nargs="+", default=[], metavar="NAME",
+                        help="more methods fitted to each budget (NAME:equivalent=B), e.g. pool stride visionzip tome")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -237,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_compare(args.model, args.dataset, args.out, args.budgets, args.calibration_samples, args.samples,
                           args.seed, args.objective, args.epsilon, args.grid, args.trials, args.batch_size,
-                          not args.no_progress)
+                          not args.no_progress, tuple(args.with_methods))
     print(results_markdown(summary["results"]))
     print()
     print(comparison_markdown(summary))

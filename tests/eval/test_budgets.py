@@ -190,3 +190,16 @@ def test_compare_writes_and_flags_an_over_budget_psigmoid(untrained_tiny_checkpo
 def test_a_budget_above_the_available_tokens_is_refused(spec):
     with pytest.raises(ValueError, match=r"asks for (300|257) vision tokens, but the prompt has 256"):
         mmreduce.parse_spec(spec).build(num_layers=8, vision_tokens=256)
+
+
+def test_methods_added_with_with_get_their_own_column_at_each_budget():
+    summary = _summary(WITHIN, 0.32)
+    summary["with_methods"] = ["visionzip", "stride"]
+    summary["results"] += [_row("visionzip:equivalent=0.333", 0.895, 85, 0.29),
+                           _row("stride:equivalent=0.333", 0.855, 85, 0.29)]
+    lines = comparison_markdown(summary).splitlines()
+    assert lines[0] == "| budget (mean kept) | random | fastv | pdrop | gsearch | psigmoid | visionzip | stride |"
+    row = next(line for line in lines if line.startswith("| 33.3% |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6:] == ["**89.5%** (85 tok, 29% FLOPs)", "**85.5%** (85 tok, 29% FLOPs)"]
+    assert all(line.count("|") == lines[0].count("|") for line in lines[:4])  # every row spans every column
