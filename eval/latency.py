@@ -71,6 +71,7 @@ METHODS = {
 BEFORE_METHODS = {
     "stride r=0.25": ("stride", dict(keep_ratio=0.25)),
     "pool r=0.25": ("pool", dict(keep_ratio=0.25)),
+    "tome r=0.25": ("tome", dict(keep_ratio=0.25)),
 }
 
 
