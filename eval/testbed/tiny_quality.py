@@ -7,7 +7,8 @@ Reports, on the benchmark's `test` split:
 - `random_keep{r}_layer{l}`: the vision keys of a random (1 - r) share masked from layer l on (a masked stand-in
   for the `random` method with its own seeding, see `masked_drop.random_vision_mask`);
 - `target_keep{r}_layer{l}` (LLaVA-1.5 models only): the same budget, but the patches under the objects the
-  answer depends on are kept first (an oracle selection: what a perfect attention-guided method could keep).
+  answer depends on are kept first (an oracle selection: what a perfect attention-guided method could keep); for
+  `tiny-llava-video`, the actor's patches in every frame where it is visible.
 and writes `eval/results/<name>-quality.json`.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..accuracy import evaluate
+from .grounding import is_clip, video_frames
 from .masked_drop import random_vision_mask, scored_vision_mask
 from ..benchmarks import load_benchmark
 from ..tiny_models import TINY_MODELS, load_tiny, resolve_checkpoint
@@ -40,18 +42,24 @@ def _per_qtype(samples, predictions) -> dict[str, float]:
 
 
 def target_scores(samples, grid: int, patch: int, seed: int) -> torch.Tensor:
-    """(B, grid*grid) scores: 1 + noise for patches overlapping a target box, noise in [0, 1) elsewhere.
+    """(B, F*grid*grid) scores: 1 + noise for patches overlapping a target box, noise in [0, 1) elsewhere.
 
-    Patches are row-major over the `grid x grid` LLaVA-1.5 feature map, `patch` pixels each.
+    Patches are row-major over the `grid x grid` LLaVA-1.5 feature map, `patch` pixels each; a `video` clip has F
+    such maps, frame after frame, each with the boxes of its frame (F = 1 for one image).
     """
     generator = torch.Generator().manual_seed(seed)
-    scores = torch.rand(len(samples), grid, grid, generator=generator)  # (B, gh, gw)
-    for b, s in enumerate(samples):
-        for x0, y0, x1, y1 in s.meta["target_boxes"]:
-            rows = slice(max(0, y0 // patch), min(grid, y1 // patch + 1))
-            cols = slice(max(0, x0 // patch), min(grid, x1 // patch + 1))
-            scores[b, rows, cols] += 1
-    return scores.reshape(len(samples), grid * grid)  # (B, N) row-major
+    scenes = [video_frames(s) if is_clip(s) else [s] for s in samples]
+    frames = len(scenes[0])
+    if any(len(f) != frames for f in scenes):
+        raise ValueError("every sample of a batch must have the same number of frames")
+    scores = torch.rand(len(samples), frames, grid, grid, generator=generator)  # (B, F, gh, gw)
+    for b, per_frame in enumerate(scenes):
+        for k, scene in enumerate(per_frame):
+            for x0, y0, x1, y1 in scene.meta["target_boxes"]:
+                rows = slice(max(0, y0 // patch), min(grid, y1 // patch + 1))
+                cols = slice(max(0, x0 // patch), min(grid, x1 // patch + 1))
+                scores[b, k, rows, cols] += 1
+    return scores.reshape(len(samples), frames * grid * grid)  # (B, N) row-major, frame after frame
 
 
 def _target_eval(model, processor, samples, keep_ratio, layer, batch_size, seed):

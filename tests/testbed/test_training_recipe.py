@@ -19,7 +19,7 @@ def test_documented_training_commands_parse_and_match_the_shipped_configs():
     text = (root / "docs" / "TRAINING.md").read_text().replace("\\\n", " ")
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("mmreduce train-tiny ")]
     assert {shlex.split(c)[2] for c in commands} == {"tiny-llava-shapes", "tiny-llava-next-docs",
-                                                     "tiny-internvl-docs"}
+                                                     "tiny-internvl-docs", "tiny-llava-video"}
     # Where a run wrote its files (`out`, and the finishing stage's `init_from`) and the --max-minutes guard are not
     # part of the recipe. An option added after a run is at its default there.
     defaults = {f.name: f.default for f in fields(TrainConfig)}
