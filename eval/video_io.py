@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["BACKENDS", "DEFAULT_MAX_FRAMES", "VideoFrames", "frame_indices", "read_video", "read_video_frames"]
+__all__ = ["BACKENDS", "DEFAULT_MAX_FRAMES", "TooFewFrames", "VideoFrames", "frame_indices", "read_video",
+           "read_video_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ class VideoFrames:
     def seconds(self) -> float:
         """Duration from the frame count and rate (0.0 without a rate)."""
         return self.total_frames / self.fps if self.fps > 0 else 0.0
+
+
+class TooFewFrames(ValueError):
+    """The video has fewer frames (`total`) than were asked for."""
+
+    def __init__(self, message: str, total: int):
+        super().__init__(message)
+        self.total = total
 
 
 class _Unreadable(Exception):
@@ -149,7 +158,8 @@ def _check_length(file: Path, total: int, fps: float, num_frames: int, max_frame
         raise ValueError(f"{file} is {total} frames ({seconds:.1f} s); the limit is {max_frames} frames — pass "
                          f"max_seconds={max(1, math.ceil(seconds))} (or max_frames={total}) or trim it")
     if num_frames > total:
-        raise ValueError(f"{file} has {total} frames, fewer than num_frames={num_frames}: ask for {total} or fewer")
+        raise TooFewFrames(f"{file} has {total} frames, fewer than num_frames={num_frames}: ask for {total} or fewer",
+                           total)
 
 
 def _reason(error: BaseException) -> str:
@@ -195,6 +205,10 @@ class _PyAVReader:
         if not self._container.streams.video:
             self.close()
             raise _Unreadable("the file has no video stream")
+        # FFmpeg reads a still image as a one-frame "video" (png_pipe, jpeg_pipe, image2...): refuse it, as decord does.
+        if self._container.format.name.endswith("_pipe") or self._container.format.name.startswith("image2"):
+            self.close()
+            raise _Unreadable(f"the file is a still image ({self._container.format.name}), not a video")
         stream = self._container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         self.fps = float(rate) if rate else 0.0

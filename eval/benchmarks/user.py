@@ -140,27 +140,19 @@ def _decode_image(path: Path, value: str, field: str, where: _Where) -> Image.Im
 
 
 def _video_frames(path: Path, value: str, frames: int, where: _Where) -> list[Image.Image]:
-    """`frames` evenly spaced frames (centres of equal segments, as the demo reads videos), RGB."""
-    try:
-        import decord
+    """`frames` evenly spaced frames (centres of equal segments, as the demo reads videos), RGB; decord, or PyAV
+    where decord cannot read the file (`mmreduce.eval.video_io`)."""
+    from ..video_io import TooFewFrames, read_video
 
-        reader = decord.VideoReader(str(path), num_threads=1)
-        total = len(reader)
-    except Exception as error:  # decord raises its own errors for any unreadable file
-        raise where(f"file {value} could not be read as a video ({str(error).splitlines()[0][:160]}): "
-                    f"use an mp4, webm, avi, mov or mkv file (an image goes under \"image\")", "video") from None
-    if total < 1:
-        raise where(f"file {value} has no frames: replace it with a readable video", "video")
-    if total < frames:
-        raise where(f"{frames} is more than the {total} frame(s) of {value}: set \"frames\" to {total} or fewer",
-                    "frames")
-    indices = [int((i + 0.5) * total / frames) for i in range(frames)]
     try:
-        batch = reader.get_batch(indices).asnumpy()  # (frames, H, W, 3) uint8
-    except Exception as error:
-        raise where(f"file {value}: frames {indices} could not be decoded ({str(error).splitlines()[0][:160]})",
-                    "video") from None
-    return [Image.fromarray(frame).convert("RGB") for frame in batch]
+        return read_video(path, frames, max_frames=None, spacing="centres").frames
+    except TooFewFrames as error:
+        raise where(f"{frames} is more than the {error.total} frame(s) of {value}: set \"frames\" to {error.total} or "
+                    "fewer", "frames") from None
+    except ValueError as error:
+        reason = str(error).split(" (", 1)[-1].rsplit("): ", 1)[0] if " (" in str(error) else str(error)
+        raise where(f"file {value} could not be read as a video ({reason[:200]}): use an mp4, webm, avi, mov or mkv "
+                    f"file (an image goes under \"image\")", "video") from None
 
 
 def _text(record: dict, key: str, where: _Where, required: bool = True) -> str | None:

@@ -127,6 +127,18 @@ def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
         read_video_frames(tmp_path, 4)
 
 
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_a_still_image_is_not_a_one_frame_video(tmp_path, suffix):
+    """FFmpeg (PyAV) would read a picture as a video of one frame; neither backend may."""
+    from PIL import Image
+
+    picture = tmp_path / f"still.{suffix}"
+    Image.new("RGB", (16, 16), "red").save(picture)
+    for backend in ("auto", "pyav"):
+        with pytest.raises(ValueError, match="could not be read as a video"):
+            read_video_frames(picture, 1, backend=backend)
+
+
 def test_a_video_over_the_limit_is_refused_before_decoding(tmp_path):
     path = tmp_path / "long.mp4"
     write_mp4([np.full((64, 64, 3), 90, np.uint8)] * 912, path, fps=24)  # 38.0 s
