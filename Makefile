@@ -31,7 +31,8 @@ compare: setup
 
 # Before-the-LLM methods against the baselines that embarrass methods (pooling, a uniform per-panel stride), random,
 # the in-LLM methods and the oracle (an upper reference, not a method), at 33 / 22 / 11% of the vision tokens:
-# shapes on tiny-llava-shapes, docs on the two cropping models (docs/RESULTS.md "Before the LLM").
+# shapes on tiny-llava-shapes, docs on the two cropping models; video (frames, AIM across frames) on tiny-llava-video
+# at 50 / 25% (docs/RESULTS.md "Before the LLM").
 BUDGETS := 0.333 0.222 0.111
 BEFORE_SPECS = $(foreach b,$(BUDGETS),pool:equivalent=$(b) stride:equivalent=$(b) visionzip:equivalent=$(b) \
 	tome:equivalent=$(b) random:layer=1,equivalent=$(b) pdrop:equivalent=$(b) fastv:layer=1,equivalent=$(b))
@@ -44,6 +45,12 @@ before: setup
 			--methods baseline $(BEFORE_SPECS) $(foreach b,$(BUDGETS),tcc:equivalent=$(b)) \
 			--out runs/before-docs-$$model || exit 1; \
 	done
+	$(PY) -m mmreduce.cli bench --model tiny-llava-video --dataset video --samples 200 --seed 0 --oracle --methods \
+		baseline frames:keep_ratio=0.5 frames:keep_ratio=0.25 $(foreach b,0.5 0.25,aim:start_layer=4,equivalent=$(b) \
+		aim:start_layer=4,frame_similarity=0.9,equivalent=$(b) pdrop:layers=1+3+5,equivalent=$(b) \
+		random:layer=1,equivalent=$(b) stride:equivalent=$(b) pool:equivalent=$(b) visionzip:equivalent=$(b) \
+		tome:equivalent=$(b)) aim:merge_ratio=0.25,start_layer=4,step=0.125 aim:merge_ratio=1.0,start_layer=4,frame_similarity=0.9 \
+		aim:merge_ratio=1.0,start_layer=6,frame_similarity=0.9 --out runs/before-video
 
 # Prefill/decode latency of baseline vs FastV vs PyramidDrop on a random-weight model with LLaVA-1.5's token counts.
 latency: setup
