@@ -18,7 +18,7 @@ from mmreduce.eval.tiny_models import (
     resolve_checkpoint,
 )
 
-SHIPPED = ["tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs"]
+SHIPPED = ["tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs", "tiny-llava-video"]
 
 
 def test_tokenizer_is_a_closed_word_vocabulary_with_left_padding():
