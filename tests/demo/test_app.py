@@ -268,3 +268,16 @@ def test_cli_parses_demo_defaults():
     assert (args.port, args.host, args.model, args.func) == (7860, "127.0.0.1", None, run)
     args = build_parser().parse_args(["demo", "--port", "9001", "--model", "tiny-llava-next-docs"])
     assert args.port == 9001 and args.model == "tiny-llava-next-docs"
+
+
+def test_run_demo_with_methods_before_the_llm(store):
+    """Before-the-LLM and composed SPECs run in the demo; their stage 0 is drawn like any drop stage."""
+    comparison = run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "what color is the square ?", [],
+                          extra_specs="stride:keep_ratio=0.25\npool:keep_ratio=0.25 then pdrop:layers=4", **QUICK)
+    baseline, stride, composed = comparison.results
+    assert stride.vision_tokens_per_layer == [64] * 8  # every layer, layer 0 included, sees the kept 64
+    assert composed.vision_tokens_per_layer == [64] * 4 + [32] * 4
+    assert sorted(stride.kept_positions) == [0] and sorted(composed.kept_positions) == [0, 4]
+    captions = [caption for _, caption in comparison.overlays]
+    assert any(caption.startswith("stride:keep_ratio=0.25: layer 0 keeps 64/256") for caption in captions)
+    assert 0 < stride.flops_ratio < 0.3
