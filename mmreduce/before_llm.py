@@ -65,7 +65,7 @@ class TowerProbe:
                              "family")
         if "cls_attention" in kinds and not adapter.vision_has_cls:
             raise ValueError(f"the vision tower of {type(adapter).__name__} has no CLS token, so there is no CLS "
-                             "attention to rank by; use tome, pool or stride on this family")
+                             "attention to rank by; use pool, stride or tome (metric=features) on this family")
         self.adapter, self.modules = adapter, modules
         self.layers: dict[int, set[str]] = {}
         for request in requests:

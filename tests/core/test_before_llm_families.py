@@ -756,6 +756,6 @@ def test_qwen_tower_signals_are_refused_with_the_reason(family, kind):
     assert adapter.vision_has_cls is False and adapter.vision_attention_modules() is None
     recorder = _SignalRecorder(requests=(SignalRequest(kind, -1),))
     # either reason is the whole truth for CLS attention (no CLS token, and a tower the probe does not read)
-    with pytest.raises(ValueError, match=rf"(which {kind} scoring needs|has no CLS token).*pool or stride"):
+    with pytest.raises(ValueError, match=rf"(which {kind} scoring needs|has no CLS token).*pool, stride or tome"):
         mmreduce.wrap(model, recorder)
     mmreduce.wrap(model, Stride()).unwrap()  # the refusal left no wrap behind
