@@ -34,7 +34,7 @@ from mmreduce.probe import apply_rotary
 
 from .base import DropStage, ReductionMethod, ScoreContext, check_layer, check_ratio, register_method
 from .before import BeforeLLMMethod, TokenPlan, VisionTokens, group_by_panel, keep_count
-from .tome import bipartite_merge_plan
+from .tome import bipartite_merge_plan, follow_round
 
 __all__ = ["AIM", "AIMMerge", "frame_runs", "merge_across_frames", "merge_in_rounds", "pagerank_distribution",
            "pagerank_importance", "prompt_attention_logits", "prompt_tokens", "retain_fraction",
@@ -172,11 +172,7 @@ def merge_in_rounds(features: torch.Tensor, groups: list[list[int]], budgets: li
         members = torch.bincount(step.target, minlength=alive.shape[0])  # (c,) current tokens in each merge
         share = share / members[step.target[owner]].double()
         current = step.apply(current)  # (c', D) plain means of the merged current tokens
-        survivors = step.keep.nonzero().flatten()  # (c',)
-        slot = torch.full((alive.shape[0],), -1, dtype=torch.long, device=device)
-        slot[survivors] = torch.arange(survivors.shape[0], device=device)
-        owner = slot[step.target[owner]]
-        alive = alive[survivors]
+        owner, alive = follow_round(step, owner, alive)
         rounds += 1
     keep = torch.zeros(count, dtype=torch.bool, device=device)
     keep[alive] = True

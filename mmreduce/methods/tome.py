@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .base import check_ratio, register_method
 from .before import BeforeLLMMethod, SignalRequest, TokenPlan, VisionTokens, group_by_panel, keep_count
 
-__all__ = ["ToMe", "bipartite_merge_plan", "merge_rounds", "merged_sizes"]
+__all__ = ["ToMe", "bipartite_merge_plan", "follow_round", "merge_rounds", "merged_sizes"]
 
 
 def bipartite_merge_plan(features: torch.Tensor, sizes: torch.Tensor, r: int | Sequence[int],
@@ -104,6 +104,23 @@ def merged_sizes(plan: TokenPlan) -> torch.Tensor:
     return total[plan.keep]
 
 
+def follow_round(step: TokenPlan, owner: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bookkeeping after one merge round over the c current tokens.
+
+    Args:
+        step: the round's plan over the current tokens (c,).
+        owner: (n,) for every original token, the index of the current token that holds it.
+        alive: (c,) the original index of each current token (its position in the prompt).
+
+    Returns:
+        owner: (n,) index among the c' survivors; alive: (c',) the survivors' original indices.
+    """
+    survivors = step.keep.nonzero().flatten()  # (c',)
+    slot = torch.full((alive.shape[0],), -1, dtype=torch.long, device=alive.device)
+    slot[survivors] = torch.arange(survivors.shape[0], device=alive.device)
+    return slot[step.target[owner]], alive[survivors]
+
+
 def merge_rounds(metric: torch.Tensor, groups: Sequence[Sequence[int]], budgets: Sequence[int],
                  max_share: float = 0.5) -> tuple[TokenPlan, int]:
     """Bipartite rounds until every group is down to its budget, at most `max_share` of a group's tokens per round.
@@ -145,11 +162,7 @@ def merge_rounds(metric: torch.Tensor, groups: Sequence[Sequence[int]], budgets:
         weighted = torch.zeros_like(current).index_add_(0, step.target, current * sizes[:, None])
         total = torch.zeros_like(sizes).index_add_(0, step.target, sizes)
         current, sizes = weighted[step.keep] / total[step.keep, None], total[step.keep]
-        survivors = step.keep.nonzero().flatten()  # (c',)
-        new_slot = torch.full((alive.shape[0],), -1, dtype=torch.long, device=device)
-        new_slot[survivors] = torch.arange(survivors.shape[0], device=device)
-        owner = new_slot[step.target[owner]]
-        alive = alive[survivors]
+        owner, alive = follow_round(step, owner, alive)
         rounds += 1
     keep = torch.zeros(count, dtype=torch.bool, device=device)
     keep[alive] = True

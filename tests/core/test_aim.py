@@ -20,7 +20,8 @@ from mmreduce.adapters.base import TokenCell
 from mmreduce.methods import DropStage, ScoreContext, VisionTokens
 from mmreduce.methods.aim import (AIMMerge, pagerank_importance, prompt_attention_logits, retain_fraction,
                                   stream_queries_and_keys)
-from tests.support.masked_reference import dropped_from_kept, masked_forward, masked_greedy, vision_positions
+from tests.support.masked_reference import (assert_matches_reference, dropped_from_kept, masked_forward,
+                                            vision_positions)
 from tests.support.vlm_factory import IMAGE_TOKEN, llava_batch, tiny_llava
 
 LAYERS = 6
@@ -277,16 +278,8 @@ def test_pruning_matches_the_masked_reference(llava):
     assert kept == reference_pagerank_selection(model, batch, method)
 
     dropped_from = dropped_from_kept(batch, kept, IMAGE_TOKEN)
-    reference_logits, _ = masked_forward(model, batch, dropped_from)
-    reaching = batch["attention_mask"].bool() & ~dropped_from[max(dropped_from)]
-    assert torch.allclose(logits[reaching], reference_logits[reaching], atol=1e-5, rtol=0)
-    reference_tokens, reference_steps = masked_greedy(model, batch, dropped_from, steps)
-    for run in (cached, uncached):
-        assert torch.equal(run.sequences[:, -steps:], reference_tokens)
-        for step_logits, reference_step in zip(run.logits, reference_steps):
-            assert torch.allclose(step_logits, reference_step, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        assert (model(**batch).logits[:, -1] - logits[:, -1]).abs().max() > 1e-3  # it really changed the output
+    assert_matches_reference(model, batch, logits, (cached, uncached), dropped_from, batch["attention_mask"].bool(),
+                             steps)
 
 
 def test_merge_then_prune_runs_as_planned(llava):

@@ -12,7 +12,6 @@ the dropped keys masked from the apply layer on (the mathematics of removing the
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -22,6 +21,7 @@ from transformers import DynamicCache
 import mmreduce
 from mmreduce.adapters import get_adapter
 from mmreduce.methods import BeforeLLMMethod, Compose, FastV, Pool, Stride, TokenPlan, VisionTokens
+from tests.support.masked_reference import eager
 from tests.support.vlm_factory import IMAGE_TOKEN, llava_batch, llava_next_batch, select_samples, tiny_llava, \
     tiny_llava_next
 
@@ -185,16 +185,6 @@ def shorten(model, batch: dict, method: BeforeLLMMethod) -> Shortened:
 def generate_positions(mask: torch.Tensor) -> torch.Tensor:
     """How generate() numbers a left-padded prompt: 0.. over the real tokens, 0 on padding."""
     return (mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-@contextmanager
-def eager(model):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def text_logits(model, embeds, mask, positions, dropped_from: dict[int, torch.Tensor] | None = None,

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["dropped_from_kept", "masked_forward", "masked_greedy", "reference_selection", "text_view",
+__all__ = ["assert_matches_reference", "dropped_from_kept", "eager", "masked_forward", "masked_greedy", "reference_selection", "text_view",
            "vision_positions"]
 
 # Inputs with one entry per prompt token besides input_ids / attention_mask: Qwen2-VL's modality of each token
@@ -21,7 +21,8 @@ PER_TOKEN_INPUTS = ("mm_token_type_ids",)
 
 
 @contextmanager
-def _eager(model):
+def eager(model):
+    """Runs `model` with eager attention inside the block (its weights are then returned), restoring it after."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -113,7 +114,7 @@ def masked_forward(model, inputs: dict, dropped_from: dict[int, torch.Tensor], c
     if capture_layer is not None:
         handles.append(_layers(model)[capture_layer].self_attn.register_forward_hook(attn_hook))
     try:
-        with _eager(model), torch.no_grad():
+        with eager(model), torch.no_grad():
             logits = model(**inputs, use_cache=False).logits
     finally:
         for handle in handles:
@@ -202,3 +203,20 @@ def masked_greedy(model, inputs: dict, dropped_from: dict[int, torch.Tensor], st
             if key in extra:
                 extra[key] = torch.cat([extra[key], torch.zeros_like(token, dtype=extra[key].dtype)], dim=1)
     return torch.cat(tokens, dim=1), step_logits
+
+
+def assert_matches_reference(model, batch: dict, logits: torch.Tensor, runs, dropped_from: dict[int, torch.Tensor],
+                             input_mask: torch.Tensor, steps: int) -> None:
+    """A reduced prefill's `logits` (B, T, V) and greedy `runs` (generate outputs with `.sequences` and `.logits`,
+    e.g. cached and cache-free) equal the masked reference of `dropped_from`, at every position that reaches the last
+    layer and at every decode step; and the reduction changed the output (else every check could pass on a no-op)."""
+    reference_logits, _ = masked_forward(model, batch, dropped_from)
+    reaching = input_mask & ~dropped_from[max(dropped_from)]  # positions that reach the last layer
+    assert torch.allclose(logits[reaching], reference_logits[reaching], atol=1e-5, rtol=0)
+    reference_tokens, reference_steps = masked_greedy(model, batch, dropped_from, steps)
+    for run in runs:
+        assert torch.equal(run.sequences[:, -steps:], reference_tokens)
+        for step_logits, reference_step in zip(run.logits, reference_steps):
+            assert torch.allclose(step_logits, reference_step, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (model(**batch).logits[:, -1] - logits[:, -1]).abs().max() > 1e-3, "the reduction changed nothing"
