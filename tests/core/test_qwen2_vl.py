@@ -16,7 +16,7 @@ import torch
 
 import mmreduce
 from mmreduce.adapters import Qwen2VLAdapter, get_adapter
-from tests.support.masked_reference import masked_forward, masked_greedy, reference_selection
+from tests.support.masked_reference import assert_matches_reference, masked_forward, reference_selection
 from tests.support.vlm_factory import (
     IMAGE_TOKEN,
     QWEN_VIDEO_TOKEN,
@@ -108,16 +108,7 @@ def test_video_prompts_match_masked_reference(qwen, kind, method):
     if kind == "image+video":  # both kinds of pads lost tokens
         final = dropped_from[max(dropped_from)]
         assert final[batch["input_ids"] == IMAGE_TOKEN].any() and final[batch["input_ids"] == QWEN_VIDEO_TOKEN].any()
-    reference_logits, _ = masked_forward(qwen, batch, dropped_from)
-    compared = batch["attention_mask"].bool() & ~dropped_from[max(dropped_from)]
-    assert torch.allclose(logits[compared], reference_logits[compared], atol=1e-5, rtol=0)
-    reference_tokens, reference_steps = masked_greedy(qwen, batch, dropped_from, steps)
-    for run in runs:
-        assert torch.equal(run.sequences[:, -steps:], reference_tokens)
-        for step_logits, reference_step in zip(run.logits, reference_steps):
-            assert torch.allclose(step_logits, reference_step, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        assert (qwen(**batch).logits[:, -1] - logits[:, -1]).abs().max() > 1e-3
+    assert_matches_reference(qwen, batch, logits, runs, dropped_from, batch["attention_mask"].bool(), steps)
 
 
 def test_sampling_after_a_reduced_prefill_matches_masked_reference(qwen):
