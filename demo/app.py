@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "Comparison",
     "DEFAULT_MODEL",
     "EXAMPLES_DIR",
+    "VIDEO_MODEL",
     "ModelStore",
     "build_app",
     "examples",
@@ -53,31 +55,60 @@ _EXAMPLES = (
     ("docs-0.png", "what digit is in the cyan box ?", "tiny-llava-next-docs"),
     ("docs-wide-2.png", "what digit is in the yellow box ?", "tiny-llava-next-docs"),
     ("docs-0.png", "what digit is in the cyan box ?", "tiny-internvl-docs"),
-    ("video-0.mp4", "which way does the blue cross move ?", "tiny-llava-shapes"),
+    # `video` test-split clips 0 and 1 (seed 0); tiny-llava-video answers both right at baseline ("left", "red").
+    ("video-0.mp4", "which way does the blue cross move ?", "tiny-llava-video"),
+    ("video-1.mp4", "what color does the triangle turn ?", "tiny-llava-video"),
 )
+#: The bundled model a video goes to when the chosen model was not trained on clips (and the store has it).
+VIDEO_MODEL = "tiny-llava-video"
 _LIMITS = {"warmup": (0, 3), "repeats": (1, 5), "max_new_tokens": (1, 32)}
+
+
+# A path starting at "/" (or a drive letter) after a quote, space or bracket, e.g. '/srv/models/x/config.json'.
+_ABSOLUTE_PATH = re.compile(r"""(^|[\s'"(=])((?:/|[A-Za-z]:\\)[^\s'"),]+)""")
+_IMAGE_ONLY = ("tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs")
 
 
 class ModelStore:
     """The models the app may load, by display name, each loaded once on first use (offline, no remote code)."""
 
     def __init__(self, default: str | os.PathLike = DEFAULT_MODEL, include_bundled: bool = True):
-        from mmreduce.eval.tiny_models import CHECKPOINT_DIR, resolve_checkpoint
+        from mmreduce.eval.tiny_models import CHECKPOINT_DIR, TINY_MODELS, resolve_checkpoint
 
+        # Only the registered VLM recipes: other folders (a visual tokenizer's checkpoint) are not models the
+        # comparison can run.
         self.paths: dict[str, Path] = {}
-        if include_bundled and CHECKPOINT_DIR.is_dir():
-            for folder in sorted(CHECKPOINT_DIR.iterdir()):
-                if (folder / "config.json").is_file():
-                    self.paths[folder.name] = folder
+        if include_bundled:
+            for name in TINY_MODELS:
+                if (CHECKPOINT_DIR / name / "config.json").is_file():
+                    self.paths[name] = CHECKPOINT_DIR / name
         self.default = str(default)
         if self.default not in self.paths:
-            self.paths[self.default] = resolve_checkpoint(default)  # ValueError naming the bad --model
+            path = resolve_checkpoint(default)  # ValueError naming the bad --model
+            # Shown by its folder name: the browser never sees a server path.
+            self.default = path.name if path.name not in self.paths else f"{path.name} (--model)"
+            self.paths[self.default] = path
         self._loaded: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
         return list(self.paths)
+
+    def scrub(self, message: str) -> str:
+        """`message` with every server path replaced: a model's folder by the model's name, any other absolute
+        path by its last part (what the browser may see)."""
+        for name, path in sorted(self.paths.items(), key=lambda item: -len(str(item[1]))):
+            message = message.replace(str(path), name)
+        return _ABSOLUTE_PATH.sub(lambda match: match.group(1) + Path(match.group(2)).name, message)
+
+    def model_for(self, name: str | None, kind: str) -> str:
+        """The model a comparison runs on: `name`, except that a video goes to `VIDEO_MODEL` when `name` is an
+        image-only bundled model (a model trained on single images answers clips with a colour)."""
+        name = name or self.default
+        if kind == "video" and name != VIDEO_MODEL and VIDEO_MODEL in self.paths and name in _IMAGE_ONLY:
+            return VIDEO_MODEL
+        return name
 
     def get(self, name: str | None):
         """(model, processor) for a name listed in `names`; DemoInputError for anything else."""
@@ -99,6 +130,7 @@ class Comparison:
     question: str
     kind: str
     results: list[MethodResult]
+    model: str = ""
     overlays: list[tuple[Any, str]] = field(default_factory=list)
     overlay_note: str = ""
 
@@ -110,7 +142,7 @@ class Comparison:
         return cards_html(self.results, self.question)
 
     def to_dict(self) -> dict:
-        return {"question": self.question, "input": self.kind, "results": [r.to_dict() for r in self.results],
+        return {"model": self.model, "question": self.question, "input": self.kind, "results": [r.to_dict() for r in self.results],
                 "overlay_note": self.overlay_note}
 
 
@@ -137,13 +169,14 @@ def run_demo(store: ModelStore, model_name: str | None, media: str | None, quest
     text = check_question(question)
     settings = {name: _bounded(name, value) for name, value in
                 (("warmup", warmup), ("repeats", repeats), ("max_new_tokens", max_new_tokens))}
+    model_name = store.model_for(model_name, kind)
     model, processor = store.get(model_name)
     inputs = prepare_inputs(processor, images, text)
     adapter = get_adapter(model)
     vision_tokens = int(adapter.count_vision_tokens(inputs["input_ids"][:1])[0])
     choices = build_methods(methods, num_layers=adapter.num_layers, vision_tokens=vision_tokens, **method_params)
     results = run_comparison(model, processor, inputs, choices, **settings)
-    comparison = Comparison(text, kind, results)
+    comparison = Comparison(text, kind, results, model=model_name)
     positions = results[0].vision_positions  # where the text model saw them (placeholders expanded or not)
     for result in results[1:]:
         try:

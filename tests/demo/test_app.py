@@ -19,7 +19,7 @@ from mmreduce.adapters.base import NEWLINE, TokenCell
 from mmreduce.demo.overlay import draw_kept_tokens
 from mmreduce.demo.summary import cards_html
 
-SHAPES, DOCS, INTERNVL = "tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs"
+SHAPES, DOCS, INTERNVL, VIDEO = "tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs", "tiny-llava-video"
 QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)
 
 
@@ -231,9 +231,33 @@ def test_run_demo_on_crops_and_video(store):
     assert docs.results[0].vision_tokens_per_layer[0] == 120
     picture, _ = docs.overlays[0]
     assert picture.width > 3 * picture.height / 2  # base image + 3 crops side by side
+    # asked of the image model, a clip goes to the video model: 4 frames x 8 x 8 tokens, and the clip's answer
     video = run_demo(store, SHAPES, EXAMPLES_DIR / "video-0.mp4", "which way does the blue cross move ?",
                      ["random"], **QUICK)
-    assert video.kind == "video" and video.results[0].vision_tokens_per_layer[0] == 4 * 256
+    assert video.kind == "video" and video.model == VIDEO
+    assert video.results[0].vision_tokens_per_layer[0] == 4 * 64 and video.results[0].answer == "left"
+
+
+def test_video_examples_are_answered_right_at_baseline(store, tmp_path):
+    """The bundled clips are `video` test-split samples; the generator's answer is the independent reference."""
+    from mmreduce.eval.benchmarks.video import VideoConfig, make_video_sample
+
+    for index, file in enumerate(("video-0.mp4", "video-1.mp4")):
+        [(question, model)] = [row[1:] for row in examples(store) if row[0].endswith(file)]
+        sample = make_video_sample("test", 0, index, VideoConfig(cache_dir=str(tmp_path)))
+        assert question == sample.question and model == VIDEO
+        comparison = run_demo(store, model, EXAMPLES_DIR / file, question, [], **QUICK)
+        assert comparison.results[0].answer == sample.answer
+
+
+def test_only_runnable_models_are_offered_and_paths_never_shown(store, tmp_path):
+    assert store.names == [SHAPES, DOCS, INTERNVL, VIDEO]  # not the visual tokenizer's tiny-seed-shapes
+    folder = str(store.paths[DOCS])
+    assert store.scrub(f"cannot load {folder}/config.json") == f"cannot load {DOCS}/config.json"
+    assert store.scrub("file '/srv/tmp/gradio/abc/clip.mp4' is bad") == "file 'clip.mp4' is bad"
+    assert store.scrub("keep 64/256 at layers 2+4 (0, 1]") == "keep 64/256 at layers 2+4 (0, 1]"
+    local = ModelStore(default=str(store.paths[SHAPES]), include_bundled=False)
+    assert local.names == [SHAPES] and "/" not in local.default
 
 
 def test_run_demo_on_internvl_docs(store):
