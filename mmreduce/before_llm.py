@@ -124,10 +124,10 @@ def token_signals(probe: TowerProbe, adapter, cells: list, grids: list) -> dict[
     for request in probe.requests:
         recorded = probe.signals.get(probe.resolved(request))
         if recorded is None:
-            raise RuntimeError(f"the vision tower did not run before the prompt reached the text model, so there is "
+            raise ValueError(f"the vision tower did not run before the prompt reached the text model, so there is "
                                f"no {request.kind} to rank by; pass pixel inputs to the same call")
         if recorded.shape[0] != len(rows_of):
-            raise RuntimeError(f"the vision tower saw {recorded.shape[0]} panels but the prompt lays out "
+            raise ValueError(f"the vision tower saw {recorded.shape[0]} panels but the prompt lays out "
                                f"{len(rows_of)}; mmreduce cannot match tower rows to tokens for this input")
         grid = recorded.view(recorded.shape[0], patch_rows, patch_cols, -1)  # (N, Pr, Pc, C)
         values = []
