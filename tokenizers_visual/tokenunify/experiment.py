@@ -21,6 +21,8 @@ from ..training import seed_everything, train_steps
 from .data import affinities, make_volumes
 from .model import TokenUnifyConfig, TokenUnifyModel
 from .segment import segment_affinities, segmentation_scores
+from .rollout import rollout_errors
+from .volumes import make_moving_volumes
 from .tokens import patchify, prefix_corrupt, random_token_corrupt, sample_prefix, unpatchify
 
 __all__ = ["evaluate_prediction", "evaluate_rollout", "finetune_segmentation", "fit_neighbour_regression",
@@ -30,6 +32,8 @@ POOL_SEED, TEST_SEED, SEG_POOL_SEED, SEG_TEST_SEED = 0, 7, 11, 13
 
 
 def _pool(n: int, seed: int, config: TokenUnifyConfig) -> tuple[Tensor, Tensor]:
+    if config.data == "volumes":
+        return make_moving_volumes(n, tuple(config.volume), seed)
     return make_volumes(n, tuple(config.volume), seed)
 
 
@@ -156,12 +160,7 @@ def evaluate_rollout(models: dict[str, TokenUnifyModel], start: int = 16, length
     out["baseline_linear_neighbours"] = errs
     for name, model in models.items():
         model.eval()
-        seq, errs = base.clone(), []
-        for j in range(length):
-            pred = model.predict_next(seq)  # (n, P)
-            errs.append(F.mse_loss(pred, x[:, start + j]).item())
-            seq[:, start + j] = pred  # the model's own prediction becomes context
-        out[name] = errs
+        out[name] = rollout_errors(lambda seq, _position, m=model: m.predict_next(seq), base, x, start, length)
     return out
 
 

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from .mamba import BiMambaBlock
 from .tokens import patchify, prefix_corrupt, random_token_corrupt, sample_prefix
 
-__all__ = ["OBJECTIVES", "TokenUnifyConfig", "TokenUnifyModel"]
+__all__ = ["DATA_KINDS", "OBJECTIVES", "TokenUnifyConfig", "TokenUnifyModel"]
 
 OBJECTIVES = ("masked", "next", "next_all", "tokenunify")
+DATA_KINDS = ("em", "volumes")  # data.make_volumes (EM-like) or volumes.make_moving_volumes (moving discs)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TokenUnifyConfig:
     d_state: int = 4
     expand: int = 2
     mask_ratio: float = 0.4
+    data: str = "em"
 
     def __post_init__(self) -> None:
         self.volume, self.patch = tuple(self.volume), tuple(self.patch)
@@ -52,6 +54,8 @@ class TokenUnifyConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio!r}")
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"data must be one of {DATA_KINDS}, got {self.data!r}")
 
     @property
     def grid(self) -> tuple[int, ...]:
