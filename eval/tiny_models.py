@@ -60,6 +60,7 @@ from transformers import (
 )
 
 __all__ = [
+    "CHECKPOINT_ALIASES",
     "CHECKPOINT_DIR",
     "DOCS_VOCABULARY",
     "INTERNVL_TOKENS",
@@ -75,11 +76,17 @@ __all__ = [
     "format_prompt",
     "load_tiny",
     "prompt_for",
+    "recipe_name",
     "resolve_checkpoint",
     "save_tiny",
 ]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+#: Other names of shipped folders. The shipped `tiny-llava-shapes` is its third version; the earlier two ship as
+#: their own folders (`tiny-llava-shapes-v1`, `-v2`), so every version has a name without storing v3 twice.
+CHECKPOINT_ALIASES = {"tiny-llava-shapes-v3": "tiny-llava-shapes"}
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 #: LLaVA-1.5's conversation format; `{images}` is one "<image>\n" per image.
 PROMPT = "USER: {images}{question} ASSISTANT:"
@@ -353,8 +360,19 @@ def save_tiny(model, processor, path: str | os.PathLike) -> Path:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A bundled checkpoint name (`eval/checkpoints/<name>`) or an existing directory -> its path."""
-    return checkpoints.resolve_checkpoint(name_or_path, CHECKPOINT_DIR, "tiny checkpoint")
+    """A bundled checkpoint name (`eval/checkpoints/<name>`, or a name of `CHECKPOINT_ALIASES`) or an existing
+    directory -> its path."""
+    return checkpoints.resolve_checkpoint(name_or_path, CHECKPOINT_DIR, "tiny checkpoint", CHECKPOINT_ALIASES)
+
+
+def recipe_name(name_or_path: str | os.PathLike) -> str | None:
+    """The `TINY_MODELS` recipe a bundled checkpoint was trained from: its folder name, or the name before a `-vN`
+    version suffix (`tiny-llava-shapes-v1` -> `tiny-llava-shapes`); None for anything else."""
+    name = CHECKPOINT_ALIASES.get(Path(name_or_path).name, Path(name_or_path).name)
+    if name in TINY_MODELS:
+        return name
+    base, _, version = name.rpartition("-v")
+    return base if version.isdigit() and base in TINY_MODELS else None
 
 
 def load_tiny(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 __all__ = ["resolve_checkpoint", "shipped_checkpoints"]
 
@@ -18,8 +19,10 @@ def shipped_checkpoints(root: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, root: str | os.PathLike, what: str = "checkpoint") -> Path:
-    """`name_or_path` if it is a folder, else `root / name_or_path` if that is one.
+def resolve_checkpoint(name_or_path: str | os.PathLike, root: str | os.PathLike, what: str = "checkpoint",
+                       aliases: Mapping[str, str] | None = None) -> Path:
+    """`name_or_path` if it is a folder, else `root / name_or_path` if that is one; a name in `aliases` is read as
+    the shipped folder it names (a version name for the shipped folder, so the weights are stored once).
 
     Raises:
         ValueError naming the argument and the shipped names, e.g. "no tiny checkpoint 'x': not a folder and not one of
@@ -28,8 +31,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, root: str | os.PathLike,
     candidate = Path(name_or_path)
     if candidate.is_dir():
         return candidate
-    shipped = Path(root) / str(name_or_path)
+    aliases = dict(aliases or {})
+    shipped = Path(root) / aliases.get(str(name_or_path), str(name_or_path))
     if str(name_or_path) and shipped.is_dir():
         return shipped
-    raise ValueError(f"no {what} {str(name_or_path)!r}: not a folder and not one of {shipped_checkpoints(root)} "
+    names = sorted(shipped_checkpoints(root) + [a for a, target in aliases.items() if (Path(root) / target).is_dir()])
+    raise ValueError(f"no {what} {str(name_or_path)!r}: not a folder and not one of {names} "
                      "shipped in the repository")
