@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bench compare before latency lmms test test-quick clean-venv
+.PHONY: setup bench compare panel before latency lmms test test-quick clean-venv
 
 setup: $(STAMP)
 
@@ -28,6 +28,13 @@ bench: setup
 compare: setup
 	$(PY) -m mmreduce.cli compare --model tiny-llava-shapes --dataset shapes --budgets 0.333 0.222 0.15 0.111 \
 		--calibration-samples 64 --samples 200 --seed 0 --out runs/compare-shapes
+
+# The same comparison on the three versions of tiny-llava-shapes, with the baselines that embarrass methods and the
+# oracle; panel.{json,md,png}: each model's accuracy and the mean with a bootstrap 95% interval (RESULTS "Panel").
+panel: setup
+	$(PY) -m mmreduce.cli compare --panel tiny-llava-shapes-v1 tiny-llava-shapes-v2 tiny-llava-shapes --dataset shapes \
+		--budgets 0.333 0.222 0.15 --calibration-samples 64 --samples 200 --seed 0 --with pool stride visionzip tome \
+		--oracle --out runs/panel-shapes
 
 # Before-the-LLM methods against the baselines that embarrass methods (pooling, a uniform per-panel stride), random,
 # the in-LLM methods and the oracle (an upper reference, not a method), at 33 / 22 / 11% of the vision tokens:

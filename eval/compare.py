@@ -6,7 +6,13 @@ On the benchmark's `calibration` split it runs the attention-rank analysis, G-Se
 (tolerance ε, "no loss, least cost"), G-Search under each budget (`gsearch_within`) and P-Sigmoid tuned by
 Bayesian optimization for each budget. Then, on the `test` split (never the calibration split), it evaluates the
 baseline, random, FastV, PyramidDrop and the searched schedules side by side with `mmreduce bench`; `--with
-visionzip tome ...` adds methods fitted to each budget (`NAME:equivalent=B`), e.g. the before-the-LLM ones.
+visionzip tome ...` adds methods fitted to each budget (`NAME:equivalent=B`), e.g. the before-the-LLM ones;
+`--oracle` adds the oracle (eval/oracle.py: keeps the tokens under the asked objects first) at every budget, an
+upper reference row, not a method.
+
+`--panel NAME NAME ...` runs the same comparison (dataset, budgets, seeds) on every model of the panel, each into
+`OUT/<name>/`, then writes `OUT/panel.{json,md,png}`: per method and budget, each model's accuracy and the mean over
+the models with a bootstrap 95% interval over the test samples (eval/panel.py).
 
 Output (`--out DIR`): `rank/` (JSON + Kendall τ heat map), `schedules/*.json` (each with a `.log.json` of its
 search), `bench/` (results.json / .md / accuracy_vs_flops.png, per-sample predictions) and `summary.json` with
@@ -64,6 +70,8 @@ def comparison_markdown(summary: dict) -> str:
     table names it: it is not an equal-budget result."""
     rows = summary["results"]
     baseline = next(r for r in rows if r["spec"] == "baseline")
+    references = [r for r in rows if r.get("reference")]  # the oracle's rows, one per budget run, last
+    rows = [r for r in rows if not r.get("reference")]
     families = ("random", "fastv", "pdrop", "gsearch", "psigmoid", *summary.get("with_methods", ()))
     over: list[str] = []
 
@@ -79,8 +87,10 @@ def comparison_markdown(summary: dict) -> str:
                         f"tokens on average, over its budget of {check['budget']:g}")
         return text + ")"
 
-    lines = ["| budget (mean kept) | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|",
-             f"| baseline | {cell(baseline)} |" + " |" * (len(families) - 1)]
+    oracle_header = " oracle (upper reference) |" if references else ""
+    lines = ["| budget (mean kept) | " + " | ".join(families) + " |" + oracle_header,
+             "|---" * (len(families) + 1 + bool(references)) + "|",
+             f"| baseline | {cell(baseline)} |" + " |" * (len(families) - 1 + bool(references))]
     own = next((r for r in rows if r["spec"].endswith("/gsearch.json")), None)
     if own is not None:
         lines.append("| G-Search, own point | | | | " + cell(own) + " |" + " |" * (len(families) - 4))
@@ -88,7 +98,12 @@ def comparison_markdown(summary: dict) -> str:
     for start in range(0, len(reduced), len(families)):
         group = {_family(r["spec"]): r for r in reduced[start:start + len(families)]}
         budget = summary["budgets_run"][start // len(families)]
-        lines.append(f"| {budget:.1%} | " + " | ".join(cell(group[f]) if f in group else "" for f in families) + " |")
+        oracle_cell = ""
+        if references:
+            oracle_cell = " " + (cell(references[start // len(families)])
+                                 if start // len(families) < len(references) else "") + " |"
+        lines.append(f"| {budget:.1%} | " + " | ".join(cell(group[f]) if f in group else "" for f in families) + " |"
+                     + oracle_cell)
     for budget, why in summary.get("skipped_budgets", {}).items():
         lines.append(f"| {float(budget):.1%} | skipped: {why} |" + " |" * (len(families) - 1))
     if over:
@@ -99,7 +114,7 @@ def comparison_markdown(summary: dict) -> str:
 def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS, calibration_samples: int = 64,
                 samples: int = 200, seed: int = 0, objective: str = "agreement", epsilon: float = 0.01,
                 grid: int = 16, trials: int = 30, batch_size: int = 16, progress: bool = True,
-                with_methods: tuple[str, ...] = ()) -> dict:
+                with_methods: tuple[str, ...] = (), oracle: bool = False) -> dict:
     """Runs the whole comparison (see the module docstring); returns the summary written to `out/summary.json`."""
     import torch
 
@@ -194,9 +209,11 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
     summary["skipped_budgets"] = skipped
     summary["budgets_run"] = budgets_run
     summary["with_methods"] = list(with_methods)
+    summary["oracle"] = bool(oracle and budgets_run)
 
     rows = run_bench(BenchConfig(model=model_name, dataset=dataset, specs=specs, samples=samples, seed=seed,
-                                 split="test", batch_size=batch_size, out=str(root / "bench"), progress=progress))
+                                 split="test", batch_size=batch_size, out=str(root / "bench"), progress=progress,
+                                 oracle=summary["oracle"], oracle_budgets=tuple(budgets_run) if oracle else ()))
     for row in rows:
         check = budget_check(row, summary)
         if check is not None:
@@ -230,7 +247,10 @@ def add_subparser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="rank analysis, G-Search, P-Sigmoid and the equal-budget comparison on the test split",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-llava-shapes")
+    parser.add_argument("--model", default=None, help="the model to compare (default tiny-llava-shapes)")
+    parser.add_argument("--panel", nargs="+", default=None, metavar="NAME",
+                        help="compare every model of a panel (bundled names or folders) and aggregate them into "
+                             "OUT/panel.{json,md,png}; instead of --model")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
                         help="equivalent fractions of the vision tokens (mean over layers)")
@@ -244,6 +264,9 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--with", dest="with_methods", nargs="+", default=[], metavar="NAME",
                         help="more methods fitted to each budget (NAME:equivalent=B), e.g. pool stride visionzip tome")
+    parser.add_argument("--oracle", action="store_true",
+                        help="add the oracle at every budget: an upper reference row (eval/oracle.py), not a method")
+    parser.add_argument("--resamples", type=int, default=1000, help="--panel: bootstrap resamples of the test samples")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -252,11 +275,29 @@ def add_subparser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .harness import results_markdown
 
-    summary = run_compare(args.model, args.dataset, args.out, args.budgets, args.calibration_samples, args.samples,
+    if args.panel is not None:
+        return _run_panel(args)
+    summary = run_compare(args.model or "tiny-llava-shapes", args.dataset, args.out, args.budgets, args.calibration_samples, args.samples,
                           args.seed, args.objective, args.epsilon, args.grid, args.trials, args.batch_size,
-                          not args.no_progress, tuple(args.with_methods))
+                          not args.no_progress, tuple(args.with_methods), args.oracle)
     print(results_markdown(summary["results"]))
     print()
     print(comparison_markdown(summary))
     print(f"\nwritten: {args.out}/summary.json, rank/, schedules/, bench/")
+    return 0
+
+
+def _run_panel(args: argparse.Namespace) -> int:
+    from .panel import run_panel
+
+    if args.model is not None:
+        raise ValueError("give either --model NAME (one model) or --panel NAME NAME ... (several), not both")
+    panel = run_panel(args.panel, args.dataset, args.out, resamples=args.resamples, budgets=args.budgets,
+                      calibration_samples=args.calibration_samples, samples=args.samples, seed=args.seed,
+                      objective=args.objective, epsilon=args.epsilon, grid=args.grid, trials=args.trials,
+                      batch_size=args.batch_size, progress=not args.no_progress,
+                      with_methods=tuple(args.with_methods), oracle=args.oracle)
+    print((Path(args.out) / "panel.md").read_text())
+    print(f"written: {args.out}/panel.json, panel.md, panel.png and one compare run per model "
+          f"({', '.join(panel['folders'])})")
     return 0

@@ -7,8 +7,8 @@ the visual tokenizers under `tokenizers_visual/checkpoints`), so every command n
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 __all__ = ["resolve_checkpoint", "shipped_checkpoints"]
 
