@@ -153,3 +153,17 @@ def test_version_names_resolve_to_shipped_folders_without_a_copy():
     assert recipe_name("tiny-llava-video") == "tiny-llava-video" and recipe_name("tiny-nope-v2") is None
     with pytest.raises(ValueError, match="tiny-llava-shapes-v3"):  # the alias is listed among the names
         resolve_checkpoint("tiny-llava-shapes-v9")
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-shapes-v1", "tiny-llava-shapes-v2"])
+def test_earlier_versions_load_and_answer_with_todays_code(name):
+    from mmreduce.eval.accuracy import evaluate
+    from mmreduce.eval.benchmarks import load_benchmark
+    from mmreduce.eval.tiny_models import load_tiny, prompt_for
+
+    model, processor = load_tiny(name)
+    assert prompt_for(processor, "what color is the circle ?").index("what") < prompt_for(
+        processor, "what color is the circle ?").index("<image>")  # question-first, like the shipped v3
+    samples = load_benchmark("shapes", "test", 8, seed=0)
+    _, predictions = evaluate(model, processor, samples, batch_size=8)
+    assert all(p in s.choices for p, s in zip(predictions, samples)), predictions
