@@ -136,3 +136,30 @@ def test_study_cli_refuses_bad_input(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert study_main(["train", "--objective", "next", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_study_eval_and_table_on_untrained_models(tmp_path, capsys):
+    folders = {}
+    for name in ("next", "tokenunify"):
+        folders[name] = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            folder = tmp_path / f"{name}-{seed}"
+            TokenUnifyModel(study_config("volumes")).save(folder)
+            folders[name].append(str(folder))
+    out = tmp_path / "summary.json"
+    runs = [f"{name}={','.join(f)}" for name, f in folders.items()]
+    assert study_main(["eval", "--runs", *runs, "--n", "4", "--json", str(out)]) == 0
+    capsys.readouterr()
+    import json
+
+    summary = json.loads(out.read_text())
+    tu = summary["per_objective"]["tokenunify"]
+    assert len(tu["per_seed"]) == 2 and len(tu["rollout_mean"]) == 10  # 12 slices, 2 given
+    first = [r["rollout"][0] for r in tu["per_seed"]]
+    assert tu["rollout_mean"][0] == pytest.approx(sum(first) / 2)
+    assert set(summary["baselines"]["next_mse"]) == {"baseline_copy_previous", "baseline_mean_token",
+                                                     "baseline_linear_neighbours"}
+    assert study_main(["table", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| tokenunify (mean ± std over 2 seeds) |" in text and "step 10" in text

@@ -24,7 +24,7 @@ from .experiment import evaluate_prediction, evaluate_rollout, pretrain
 from .model import DATA_KINDS, TokenUnifyConfig, TokenUnifyModel
 from .rollout import growth_slope
 
-__all__ = ["STUDY_OBJECTIVES", "study_config", "summarise", "train_run"]
+__all__ = ["STUDY_OBJECTIVES", "format_tables", "study_config", "summarise", "train_run"]
 
 STUDY_OBJECTIVES = ("next", "tokenunify")
 # One token per slice: 12 slices of 16x16, so roll-outs start after 2 given slices and run 10 steps.
@@ -86,6 +86,30 @@ def summarise(runs: dict[str, list[str | Path]], n: int = 64) -> dict:
     return out
 
 
+def format_tables(summary: dict, steps: tuple[int, ...] = (1, 2, 4, 6, 8, 10)) -> str:
+    """The README's two markdown tables (next-token MSE; roll-out MSE per step and growth) from `summarise`."""
+    objectives, base = summary["per_objective"], summary["baselines"]
+
+    def pm(stat: dict, digits: int = 4) -> str:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+    lines = ["| predictor | next-token MSE (random k) |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in base["next_mse"].items()]
+    lines += [f"| {name} (mean ± std over {len(r['per_seed'])} seeds) | {pm(r['next_mse'])} |"
+              for name, r in objectives.items()]
+    length = len(next(iter(objectives.values()))["rollout_mean"])
+    steps = tuple(s for s in steps if s <= length)
+    lines += ["", "| predictor | " + " | ".join(f"step {s}" for s in steps) + " | slope of log MSE vs log step | "
+              f"MSE step {length} / step 1 |", "|---|" + "---|" * (len(steps) + 2)]
+    for name, errs in base["rollout"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{errs[s - 1]:.4f}" for s in steps)
+                     + f" | {growth_slope(errs):.3f} | {errs[-1] / errs[0]:.2f} |")
+    for name, r in objectives.items():
+        cells = [f"{r['rollout_mean'][s - 1]:.4f} ± {r['rollout_std'][s - 1]:.4f}" for s in steps]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pm(r['slope'], 3)} | {pm(r['ratio'], 2)} |")
+    return "\n".join(lines)
+
+
 def _parse_runs(pairs: list[str]) -> dict[str, list[str]]:
     runs = {}
     for pair in pairs:
@@ -116,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--runs", nargs="+", required=True, help="name=folder1,folder2,... one entry per objective")
     e.add_argument("--n", type=int, default=64, help="held-out volumes")
     e.add_argument("--json", help="write the summary here")
-    for p in (t, e):
+    m = sub.add_parser("table", help="print the README tables from an eval --json summary")
+    m.add_argument("summary", help="JSON written by eval --json")
+    for p in (t, e, m):
         p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     try:
@@ -126,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             train_run(args.objective, args.steps, args.seed, args.out, data=args.data, batch=args.batch_size,
                       lr=args.lr, log_path=args.log)
+            return 0
+        if args.command == "table":
+            if not Path(args.summary).is_file():
+                raise FileNotFoundError(f"{args.summary} does not exist; write it with `rollout_study eval --json`")
+            print(format_tables(json.loads(Path(args.summary).read_text())))
             return 0
         if args.n < 2:
             raise ValueError(f"--n must be >= 2, got {args.n}")
