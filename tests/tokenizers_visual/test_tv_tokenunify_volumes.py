@@ -163,3 +163,4 @@ def test_study_eval_and_table_on_untrained_models(tmp_path, capsys):
     assert study_main(["table", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| tokenunify (mean ± std over 2 seeds) |" in text and "step 10" in text
+    assert (tmp_path / "summary.png").stat().st_size > 0  # the figure next to the JSON

@@ -24,7 +24,7 @@ from .experiment import evaluate_prediction, evaluate_rollout, pretrain
 from .model import DATA_KINDS, TokenUnifyConfig, TokenUnifyModel
 from .rollout import growth_slope
 
-__all__ = ["STUDY_OBJECTIVES", "format_tables", "study_config", "summarise", "train_run"]
+__all__ = ["STUDY_OBJECTIVES", "format_tables", "plot_summary", "study_config", "summarise", "train_run"]
 
 STUDY_OBJECTIVES = ("next", "tokenunify")
 # One token per slice: 12 slices of 16x16, so roll-outs start after 2 given slices and run 10 steps.
@@ -110,6 +110,30 @@ def format_tables(summary: dict, steps: tuple[int, ...] = (1, 2, 4, 6, 8, 10)) -
     return "\n".join(lines)
 
 
+def plot_summary(summary: dict, path: str | Path) -> None:
+    """Roll-out MSE against step (log-log): baselines dashed, each objective's seed mean with a ± std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, errs in summary["baselines"]["rollout"].items():
+        ax.plot(range(1, len(errs) + 1), errs, linestyle="--", label=name)
+    for name, r in summary["per_objective"].items():
+        steps = range(1, len(r["rollout_mean"]) + 1)
+        low = [m - s for m, s in zip(r["rollout_mean"], r["rollout_std"])]
+        high = [m + s for m, s in zip(r["rollout_mean"], r["rollout_std"])]
+        ax.plot(steps, r["rollout_mean"], label=f"{name} ({len(r['per_seed'])} seeds)")
+        ax.fill_between(steps, low, high, alpha=0.25)
+    ax.set(xscale="log", yscale="log", xlabel="roll-out step", ylabel="slice MSE",
+           title="Roll-out error, moving-disc volumes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _parse_runs(pairs: list[str]) -> dict[str, list[str]]:
     runs = {}
     for pair in pairs:
@@ -169,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+        plot_summary(result, Path(args.json).with_suffix(".png"))
     return 0
 
 
