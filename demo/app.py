@@ -19,15 +19,16 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 from mmreduce.adapters import get_adapter
 
 from .charts import latency_chart, schedule_chart, tokens_chart
-from .compare import MethodResult, prepare_inputs, run_comparison
-from .inputs import LIMITS_TEXT, DemoInputError, check_question, load_media
-from .methods import UI_METHODS, build_methods
+from .compare import DEFAULT_REPEATS, MethodResult, prepare_inputs, run_comparison
+from .inputs import DemoInputError, check_question, load_media
+from .methods import build_methods
 from .overlay import draw_kept_tokens
-from .summary import CARDS_CSS, cards_html
+from .summary import cards_html, latency_notes
 
 __all__ = [
     "Comparison",
@@ -61,7 +62,7 @@ _EXAMPLES = (
 )
 #: The bundled model a video goes to when the chosen model was not trained on clips (and the store has it).
 VIDEO_MODEL = "tiny-llava-video"
-_LIMITS = {"warmup": (0, 3), "repeats": (1, 5), "max_new_tokens": (1, 32)}
+_LIMITS = {"warmup": (0, 3), "repeats": (1, 20), "max_new_tokens": (1, 32)}
 
 
 # A path starting at "/" (or a drive letter) after a quote, space or bracket, e.g. '/srv/models/x/config.json'.
@@ -135,14 +136,28 @@ class Comparison:
     overlay_note: str = ""
 
     def figures(self):
-        curves = [(r.label, r.planned) for r in self.results if r.planned]
-        return tokens_chart(self.results), latency_chart(self.results), schedule_chart(curves)
+        """(vision tokens per layer, latency) charts. The planned schedule is not drawn again: the measured
+        counts per layer are the same curve."""
+        return tokens_chart(self.results), latency_chart(self.results)
+
+    @property
+    def notes(self) -> list[str]:
+        return latency_notes(self.results)
+
+    def overlays_by_label(self) -> dict[str, list[tuple[Any, str]]]:
+        grouped: dict[str, list[tuple[Any, str]]] = {}
+        for picture, caption in self.overlays:
+            label = next((r.label for r in self.results if caption.startswith(f"{r.label}: ")), "")
+            grouped.setdefault(label, []).append((picture, caption))
+        return grouped
 
     def html(self) -> str:
-        return cards_html(self.results, self.question)
+        heading = f"{self.question}  ·  {self.model}, {self.kind}" if self.model else self.question
+        return cards_html(self.results, heading, self.overlays_by_label(), self.notes, self.overlay_note)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "question": self.question, "input": self.kind, "results": [r.to_dict() for r in self.results],
+        return {"model": self.model, "question": self.question, "input": self.kind,
+                "results": [r.to_dict() for r in self.results], "notes": self.notes,
                 "overlay_note": self.overlay_note}
 
 
@@ -158,10 +173,11 @@ def _bounded(name: str, value: Any) -> int:
 
 
 def run_demo(store: ModelStore, model_name: str | None, media: str | None, question: str | None,
-             methods: list[str] | None, *, warmup: int = 1, repeats: int = 2, max_new_tokens: int = 4,
-             **method_params: Any) -> Comparison:
+             methods: list[str] | None, *, warmup: int = 1, repeats: int = DEFAULT_REPEATS, max_new_tokens: int = 4,
+             progress: Callable[[float, str], None] | None = None, **method_params: Any) -> Comparison:
     """Loads the input, builds the methods (`method_params`: see `build_methods`), runs the comparison and draws
-    the kept tokens. Raises DemoInputError for any bad input, before the model runs."""
+    the kept tokens; `progress(fraction, message)` hears what runs. Raises DemoInputError for any bad input
+    (before the model runs, or when a method refuses this input)."""
     if media is None or str(media).strip() == "":
         raise DemoInputError("no image given: upload an image (or a short video) or pick an example, "
                              "then ask the question")
@@ -170,12 +186,14 @@ def run_demo(store: ModelStore, model_name: str | None, media: str | None, quest
     settings = {name: _bounded(name, value) for name, value in
                 (("warmup", warmup), ("repeats", repeats), ("max_new_tokens", max_new_tokens))}
     model_name = store.model_for(model_name, kind)
+    if progress is not None:
+        progress(0.0, f"loading {model_name}")
     model, processor = store.get(model_name)
     inputs = prepare_inputs(processor, images, text)
     adapter = get_adapter(model)
     vision_tokens = int(adapter.count_vision_tokens(inputs["input_ids"][:1])[0])
     choices = build_methods(methods, num_layers=adapter.num_layers, vision_tokens=vision_tokens, **method_params)
-    results = run_comparison(model, processor, inputs, choices, **settings)
+    results = run_comparison(model, processor, inputs, choices, progress=progress, **settings)
     comparison = Comparison(text, kind, results, model=model_name)
     positions = results[0].vision_positions  # where the text model saw them (placeholders expanded or not)
     for result in results[1:]:
@@ -219,96 +237,11 @@ def examples(store: ModelStore) -> list[list[str]]:
     return [[file, question, model if model in store.paths else store.default] for file, question, model in rows]
 
 
-def _ui_errors(function):
-    """Shows DemoInputError as a UI error and any other failure as a short message (logged in full)."""
-    import functools
-
-    import gradio as gr
-
-    @functools.wraps(function)
-    def wrapper(*args):
-        try:
-            return function(*args)
-        except DemoInputError as error:
-            raise gr.Error(str(error), title="Input error") from None
-        except Exception as error:  # the browser gets a sentence, the server log the traceback
-            log.exception("demo request failed")
-            raise gr.Error(f"{type(error).__name__}: {error}", title="Internal error") from None
-
-    return wrapper
-
-
-_INTRO = """# mmreduce: fewer vision tokens, side by side
-Pick an image (or a short video), ask a question, choose methods. Each method runs after a warm-up; the baseline
-is the unreduced model. {limits}"""
-
-
 def build_app(store: ModelStore):
-    """The Blocks UI; its API endpoints are `/compare`, `/preview_media` and `/preview_schedule`."""
-    import gradio as gr
+    """The Blocks UI (`ui.build_ui`); its API endpoints are `/compare`, `/preview_media` and `/preview_schedule`."""
+    from .ui import build_ui
 
-    with gr.Blocks(title="mmreduce demo", analytics_enabled=False) as app:
-        gr.Markdown(_INTRO.format(limits=LIMITS_TEXT))
-        with gr.Row():
-            with gr.Column(scale=1, min_width=320):
-                model = gr.Dropdown(store.names, value=store.default, label="Model", elem_id="model")
-                media = gr.File(label="Image or short video", type="filepath", elem_id="media")
-                preview = gr.Image(label="Input", interactive=False, height=200, elem_id="preview")
-                question = gr.Textbox(label="Question", placeholder="what color is the square ?", elem_id="question")
-                methods = gr.CheckboxGroup(list(UI_METHODS), value=["fastv", "pdrop"], label="Methods",
-                                           elem_id="methods")
-                with gr.Accordion("Method parameters", open=False):
-                    with gr.Row():
-                        fastv_layer = gr.Number(2, precision=0, label="fastv layer K")
-                        fastv_keep = gr.Slider(0.01, 1.0, 0.25, step=0.01, label="fastv keep ratio")
-                    with gr.Row():
-                        pdrop_layers = gr.Textbox("", label="pdrop layers (e.g. 2,4,6; empty = default)")
-                        pdrop_keep = gr.Slider(0.01, 1.0, 0.5, step=0.01, label="pdrop keep ratio λ")
-                    with gr.Row():
-                        random_layer = gr.Number(2, precision=0, label="random layer")
-                        random_keep = gr.Slider(0.01, 1.0, 0.25, step=0.01, label="random keep ratio")
-                        random_seed = gr.Number(0, precision=0, label="random seed")
-                    schedule_file = gr.File(label="Schedule JSON (from `mmreduce tune`)", type="filepath",
-                                            elem_id="schedule_file")
-                    extra_specs = gr.Textbox("", lines=2, label="More methods: one SPEC per line",
-                                             placeholder="fastv:layer=3,equivalent=0.3")
-                with gr.Accordion("Timing", open=False):
-                    warmup = gr.Slider(*_LIMITS["warmup"], 1, step=1, label="warm-up runs")
-                    repeats = gr.Slider(*_LIMITS["repeats"], 2, step=1, label="timed runs (median)")
-                    max_new_tokens = gr.Slider(*_LIMITS["max_new_tokens"], 4, step=1, label="max new tokens")
-                run = gr.Button("Compare", variant="primary", elem_id="compare")
-            with gr.Column(scale=2):
-                cards = gr.HTML(elem_id="cards")
-                with gr.Row():
-                    tokens_plot = gr.Plot(label="Vision tokens per layer", elem_id="tokens_plot", min_width=200)
-                    latency_plot = gr.Plot(label="Latency", elem_id="latency_plot", min_width=200)
-                    schedule_plot = gr.Plot(label="Schedule", elem_id="schedule_plot", min_width=200)
-                overlays = gr.Gallery(label="Kept tokens per drop stage (dark: dropped, grey: padding; "
-                                            "green bars: newline tokens)", columns=3, height="auto",
-                                      object_fit="contain", elem_id="overlays")
-                with gr.Accordion("Raw numbers", open=False):
-                    details = gr.JSON(elem_id="details")
-        gr.Examples(examples(store), inputs=[media, question, model], label="Examples")
-
-        params = [fastv_layer, fastv_keep, pdrop_layers, pdrop_keep, random_layer, random_keep, random_seed,
-                  schedule_file, extra_specs]
-        names = ["fastv_layer", "fastv_keep", "pdrop_layers", "pdrop_keep", "random_layer", "random_keep",
-                 "random_seed", "schedule_file", "extra_specs"]
-
-        @_ui_errors
-        def compare(model_name, media_path, text, selected, warmup_n, repeats_n, new_tokens, *values):
-            comparison = run_demo(store, model_name, media_path, text, selected, warmup=warmup_n,
-                                  repeats=repeats_n, max_new_tokens=new_tokens, **dict(zip(names, values)))
-            tokens, latency, schedule = comparison.figures()
-            return comparison.html(), tokens, latency, schedule, comparison.overlays, comparison.to_dict()
-
-        run.click(compare, [model, media, question, methods, warmup, repeats, max_new_tokens, *params],
-                  [cards, tokens_plot, latency_plot, schedule_plot, overlays, details], api_name="compare")
-        media.change(_ui_errors(preview_media), media, preview, api_name="preview_media")
-        schedule_file.change(_ui_errors(lambda name, path: preview_schedule(store, name, path)),
-                             [model, schedule_file], schedule_plot, api_name="preview_schedule")
-    app.mmreduce_css = CARDS_CSS  # launch() takes the CSS in Gradio 6
-    return app
+    return build_ui(store)
 
 
 def launch(app, host: str = "127.0.0.1", port: int = 7860, **kwargs):

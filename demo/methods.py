@@ -16,10 +16,17 @@ import mmreduce
 
 from .inputs import DemoInputError
 
-__all__ = ["UI_METHODS", "MethodChoice", "build_methods", "parse_layers", "planned_counts"]
+__all__ = ["CONTROLLED_METHODS", "PLACEHOLDER_SPECS", "UI_METHODS", "MethodChoice", "build_methods", "parse_layers", "planned_counts"]
 
-#: The methods with their own controls in the UI (anything else goes through the free-form spec box).
-UI_METHODS = ("fastv", "pdrop", "random", "schedule")
+#: The methods with their own controls in the UI; every other registered method runs with its defaults when ticked
+#: (and any parameters through the SPEC box).
+CONTROLLED_METHODS = ("fastv", "pdrop", "random", "schedule")
+#: Every registered method but the baseline (always shown): in-LLM ones, then before-the-LLM ones.
+UI_METHODS = (*CONTROLLED_METHODS,
+              *sorted(name for name in mmreduce.list_methods() if name not in (*CONTROLLED_METHODS, "baseline")))
+#: What the SPEC box shows before anything is typed: a composed before-the-LLM + in-LLM method and a budget-fitted
+#: one, both valid on every bundled model (8 layers).
+PLACEHOLDER_SPECS = "visionzip:keep_ratio=0.5 then pdrop:layers=4\nfastv:layer=2,equivalent=0.5"
 MAX_METHODS = 6  # each method costs warm-up + timed runs; more would make the UI wait too long on a CPU
 
 
@@ -76,6 +83,21 @@ def _schedule(path: str | os.PathLike | None) -> mmreduce.Schedule:
         raise DemoInputError(f"schedule file {Path(path).name!r}: {error}") from None
 
 
+_PAPER_DEPTH = 32  # LLaVA-1.5-7B's decoder layers, the depth the methods' default layers are given for
+
+
+def _scaled_defaults(name: str, num_layers: int) -> dict[str, int]:
+    """Layer fields whose default is given for a 32-layer model, scaled to `num_layers` (AIM's start_layer 14 of
+    32 would leave nothing to prune in an 8-layer model); every other field keeps its default."""
+    import dataclasses
+
+    kwargs = {}
+    for spec in dataclasses.fields(mmreduce.method_class(name)):
+        if spec.name in ("layer", "start_layer") and isinstance(spec.default, int) and spec.default >= num_layers - 1:
+            kwargs[spec.name] = max(1, round(spec.default * num_layers / _PAPER_DEPTH))
+    return kwargs
+
+
 def build_methods(
     selected: list[str] | None,
     *,
@@ -118,6 +140,11 @@ def build_methods(
     if "schedule" in selected:
         schedule = _schedule(schedule_file)
         wanted.append((f"schedule ({Path(str(schedule_file)).name})", lambda schedule=schedule: schedule))
+    for name in selected:
+        if name not in CONTROLLED_METHODS:
+            kwargs = _scaled_defaults(name, num_layers)
+            shown = ", ".join(f"{key} {value}" for key, value in kwargs.items()) or "defaults"
+            wanted.append((f"{name} ({shown})", lambda name=name, kwargs=kwargs: mmreduce.create_method(name, **kwargs)))
     for line in (extra_specs or "").splitlines():
         text = line.strip()
         if not text or text.startswith("#"):

@@ -108,7 +108,7 @@ def _compose(image_panels: list[Image.Image], grid: ImageGrid, cells: list[Token
         return _with_end_mark(picture, marker, ends.get(index)) if ends else picture
 
     if grid.frames:
-        return _hstack([shaded(frame) for frame in range(grid.frames)])
+        return _tile([shaded(frame) for frame in range(grid.frames)])
     rows, cols = grid.crops
     if rows == 0:
         return shaded(0)
@@ -161,9 +161,24 @@ def draw_kept_tokens(adapter, processor, inputs: dict, positions: list[int], kep
             mine = [i for i, cell in enumerate(cells) if cell.image == image]
             parts.append(_compose(panels[image], grid, [cells[i] for i in mine], [flags[i] for i in mine],
                                   grid.panel_list(image)))
-        picture = _hstack(parts)
+        picture = _tile(parts)
         pictures.append((picture, f"{label}: layer {layer} keeps {len(chosen)}/{len(positions)} vision tokens"))
     return pictures
+
+
+def _tile(parts: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Two images side by side; more (a clip's frames) in rows of `columns`, so that each frame stays large in a
+    method's column."""
+    if len(parts) <= 2:
+        return _hstack(parts)
+    rows = [_hstack(parts[i:i + columns]) for i in range(0, len(parts), columns)]
+    width = max(row.width for row in rows)
+    canvas = Image.new("RGB", (width, sum(row.height for row in rows) + _GAP * (len(rows) - 1)), (255, 255, 255))
+    y = 0
+    for row in rows:
+        canvas.paste(row, (0, y))
+        y += row.height + _GAP
+    return canvas
 
 
 def _hstack(parts: list[Image.Image]) -> Image.Image:

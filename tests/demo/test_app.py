@@ -13,7 +13,7 @@ from mmreduce.demo import inputs
 from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedule, run_demo
 from mmreduce.demo.compare import prepare_inputs, vision_positions
 from mmreduce.demo.inputs import DemoInputError
-from mmreduce.demo.methods import build_methods, parse_layers
+from mmreduce.demo.methods import PLACEHOLDER_SPECS, UI_METHODS, build_methods, parse_layers
 from mmreduce.adapters import get_adapter
 from mmreduce.adapters.base import NEWLINE, TokenCell
 from mmreduce.demo.overlay import draw_kept_tokens
@@ -108,7 +108,7 @@ def test_other_bad_method_inputs(tmp_path):
     with pytest.raises(DemoInputError, match="no schedule file"):
         build_methods(["schedule"], num_layers=8, vision_tokens=256)
     with pytest.raises(DemoInputError, match="unknown method"):
-        build_methods(["tome"], num_layers=8, vision_tokens=256)
+        build_methods(["nonesuch"], num_layers=8, vision_tokens=256)
     with pytest.raises(DemoInputError, match="method spec 'fastv:lyr=2'"):
         build_methods([], num_layers=8, vision_tokens=256, extra_specs="fastv:lyr=2")
     short = tmp_path / "short.json"
@@ -220,9 +220,13 @@ def test_run_demo_on_shapes(store):
     assert [len(k) for k in pdrop.kept_positions.values()] == [128, 64, 32]
     assert len(comparison.overlays) == 1 + 3  # one picture per drop stage
     json.dumps(comparison.to_dict())  # the API output is plain JSON
-    assert len(comparison.figures()) == 3
+    assert len(comparison.figures()) == 2  # tokens per layer and latency; the plan is the same curve as the tokens
     html = cards_html(comparison.results, "q <b>")
     assert html.count("class='mmr-card ") == 3 and "q &lt;b&gt;" in html
+    page = comparison.html()  # each method's column holds its own stages, captions in full
+    columns = page.split("class='mmr-card ")[1:]
+    assert [column.count("<figure") for column in columns] == [0, 1, 3]
+    assert "layer 6 keeps 32/256 vision tokens</figcaption>" in columns[2]
 
 
 def test_run_demo_on_crops_and_video(store):
@@ -274,7 +278,7 @@ def test_run_demo_on_internvl_docs(store):
 def test_unknown_model_and_bad_settings(store, tmp_path):
     with pytest.raises(DemoInputError, match="unknown model '/etc'"):
         run_demo(store, "/etc", EXAMPLES_DIR / "shapes-0.png", "what color is the square ?", [])
-    with pytest.raises(DemoInputError, match="repeats must be a whole number in \\[1, 5\\]"):
+    with pytest.raises(DemoInputError, match="repeats must be a whole number in \\[1, 20\\]"):
         run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "what color is the square ?", [], repeats=0)
     with pytest.raises(ValueError, match="no tiny checkpoint"):
         ModelStore(default=str(tmp_path / "missing"))
@@ -305,3 +309,50 @@ def test_run_demo_with_methods_before_the_llm(store):
     captions = [caption for _, caption in comparison.overlays]
     assert any(caption.startswith("stride:keep_ratio=0.25: layer 0 keeps 64/256") for caption in captions)
     assert 0 < stride.flops_ratio < 0.3
+
+
+def test_every_registered_method_is_offered_and_runs_with_its_defaults_or_is_refused_by_name(store):
+    assert set(UI_METHODS) == set(mmreduce.list_methods()) - {"baseline"}
+    ticked = [name for name in UI_METHODS if name not in ("schedule", "tcc")]
+    for start in range(0, len(ticked), 5):  # at most 6 methods per comparison
+        comparison = run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "what color is the square ?",
+                              ticked[start:start + 5], **QUICK)
+        assert all(result.answer for result in comparison.results)
+    aim = build_methods(["aim"], num_layers=8, vision_tokens=256)[1]
+    assert aim.label == "aim (start_layer 4)"  # 14 of 32 layers, scaled to 8
+    with pytest.raises(DemoInputError, match="tcc"):  # TCC budgets across crops: LLaVA-1.5 has none
+        run_demo(store, SHAPES, EXAMPLES_DIR / "shapes-0.png", "what color is the square ?", ["tcc"], **QUICK)
+
+
+@pytest.mark.parametrize("model, file, question", [
+    (SHAPES, "shapes-0.png", "what color is the square ?"),
+    (DOCS, "docs-wide-2.png", "what digit is in the yellow box ?"),
+    (INTERNVL, "docs-0.png", "what digit is in the cyan box ?"),
+    (VIDEO, "video-0.mp4", "which way does the blue cross move ?"),
+])
+def test_placeholder_specs_run_on_every_bundled_model(store, model, file, question):
+    comparison = run_demo(store, model, EXAMPLES_DIR / file, question, [], extra_specs=PLACEHOLDER_SPECS, **QUICK)
+    assert [r.label for r in comparison.results] == ["baseline", *PLACEHOLDER_SPECS.splitlines()]
+    assert comparison.overlays and not comparison.overlay_note
+
+
+def test_latency_spread_and_notes():
+    import numpy as np
+
+    from mmreduce.demo.compare import MethodResult, _spread
+    from mmreduce.demo.summary import latency_notes
+
+    runs = [31.0, 30.0, 740.0, 29.0, 33.0, 30.5, 32.0]
+    median, iqr = _spread(runs)
+    q1, q3 = np.percentile(runs, [25, 75])  # numpy's linear interpolation = statistics' "inclusive" quartiles
+    assert median == np.median(runs) and iqr == pytest.approx(q3 - q1)
+
+    def result(label, total, iqr, runs=7):
+        return MethodResult(label, "red", [4], [], {}, 4.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, total, runs=runs,
+                            total_iqr_ms=iqr)
+
+    assert latency_notes([result("baseline", 30.0, 2.0), result("fastv", 20.0, 1.0)]) == []
+    notes = latency_notes([result("baseline", 30.0, 15.0), result("fastv", 31.0, 1.0)])
+    assert len(notes) == 2 and "baseline: the timed totals spread by 50%" in notes[0]
+    assert notes[1].startswith("fastv is not faster than the baseline here (31.0 vs 30.0 ms")
+    assert "only 2 timed run(s)" in latency_notes([result("baseline", 30.0, 0.0, runs=2)])[0]

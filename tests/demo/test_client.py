@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
 from mmreduce.demo.app import EXAMPLES_DIR  # noqa: E402
+from mmreduce.demo.ui import API_PARAMETERS  # noqa: E402
 
-# /compare's inputs in order: model, media, question, methods, warm-up, repeats, max new tokens, then the method
-# parameters: fastv layer, fastv keep, pdrop layers, pdrop keep, random layer, random keep, random seed,
-# schedule file, extra specs.
-PARAMS = dict(fastv_layer=2, fastv_keep=0.25, pdrop_layers="", pdrop_keep=0.5, random_layer=2, random_keep=0.25,
-              random_seed=0, schedule_file=None, extra_specs="")
+QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -24,37 +19,51 @@ def client(demo_url):
     return gradio_client.Client(demo_url, verbose=False)
 
 
-def _compare(client, media, question="what color is the square ?", methods=("fastv",), **overrides):
-    params = {**PARAMS, **overrides}
-    return client.predict("tiny-llava-shapes", media, question, list(methods), 0, 1, 3, *params.values(),
-                          api_name="/compare")
+def _image(name: str = "shapes-0.png"):
+    return gradio_client.handle_file(str(EXAMPLES_DIR / name))
 
 
-def test_compare_returns_both_answers_and_charts(client):
-    media = gradio_client.handle_file(str(EXAMPLES_DIR / "shapes-0.png"))
-    html, tokens, latency, schedule, gallery, details = _compare(client, media, methods=("fastv", "pdrop"))
-    results = details["results"]
-    assert [r["label"] for r in results][0] == "baseline" and len(results) == 3
-    assert results[1]["vision_tokens_per_layer"] == [256, 256] + [64] * 6
-    for result in results:
-        assert result["answer"] and f">{result['answer']}</div>" in html
-        assert result["total_ms"] > 0
-    for plot in (tokens, latency, schedule):
-        assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
-    assert len(gallery) == 1 + 3 and "layer 2 keeps 64/256" in gallery[0]["caption"]
-    assert os.path.getsize(gallery[0]["image"]) > 0
+def test_api_names_its_parameters_and_at_most_three_are_required(client):
+    [endpoint] = [info for name, info in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+                  .items() if name == "/compare"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names == ["image", "question", "methods", *API_PARAMETERS]
+    required = [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+    assert required[:2] == ["image", "question"] and set(required) <= {"image", "question", "methods"}
 
 
-def test_errors_come_back_as_messages(client):
+def test_one_line_call_with_image_question_and_methods(client):
+    """The simplest call: defaults for everything else (the default model, 7 timed runs), results as JSON."""
+    result = client.predict(_image(), "what color is the square ?", ["fastv"], api_name="/compare")
+    baseline, fastv = result["results"]
+    assert result["model"] == "tiny-llava-shapes" and baseline["label"] == "baseline"
+    assert baseline["answer"] == "red" and baseline["runs"] == API_PARAMETERS["repeats"]
+    assert fastv["vision_tokens_per_layer"] == [256, 256] + [64] * 6  # fastv's default: layer 2, keep 0.25
+    assert len(fastv["total_runs_ms"]) == 7 and fastv["total_iqr_ms"] >= 0 and isinstance(result["notes"], list)
+
+
+def test_named_parameters_and_composed_specs(client):
+    result = client.predict(_image("docs-0.png"), "what digit is in the cyan box ?", ["pool"],
+                            model="tiny-internvl-docs", extra_specs="visionzip:keep_ratio=0.5 then pdrop:layers=4",
+                            **QUICK, api_name="/compare")
+    labels = [r["label"] for r in result["results"]]
+    assert result["model"] == "tiny-internvl-docs" and labels[1].startswith("pool") and labels[2].startswith("visionzip")
+    assert result["results"][0]["vision_tokens_per_layer"][0] == 80
+
+
+def test_errors_come_back_as_messages_without_server_paths(client):
     not_image = gradio_client.handle_file(str(EXAMPLES_DIR.parent.parent / "__init__.py"))
-    with pytest.raises(gradio_client.exceptions.AppError, match="is not an image"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="is not an image") as caught:
         client.predict(not_image, api_name="/preview_media")
-    image = gradio_client.handle_file(str(EXAMPLES_DIR / "shapes-0.png"))
+    assert "/" not in str(caught.value).split("is not an image")[0]
     with pytest.raises(gradio_client.exceptions.AppError, match="greater than maximum value 1.0"):  # the slider checks itself
-        _compare(client, image, fastv_keep=2.0)
+        client.predict(_image(), "q ?", ["fastv"], fastv_keep=2.0, **QUICK, api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="out of range for a model with 8 decoder layers"):
-        _compare(client, image, fastv_layer=12)
+        client.predict(_image(), "what color is the square ?", ["fastv"], fastv_layer=12, **QUICK, api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="no image given"):
-        _compare(client, None)
+        client.predict(None, "what color is the square ?", ["fastv"], **QUICK, api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):  # the dropdown guards the model list
-        client.predict("/tmp", image, "q ?", [], 0, 1, 3, *PARAMS.values(), api_name="/compare")
+        client.predict(_image(), "q ?", [], model="/tmp", **QUICK, api_name="/compare")
+    with pytest.raises(gradio_client.exceptions.AppError, match="tcc") as caught:  # refused by the method while running
+        client.predict(_image(), "what color is the square ?", ["tcc"], **QUICK, api_name="/compare")
+    assert "/work" not in str(caught.value)
