@@ -201,7 +201,9 @@ def plot_panel(panel: dict, path, title: str = "") -> None:
     axes.flat[0].set_xlim(min(budgets) - 4, max(budgets) + 4)  # shared: room for the side-by-side points
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
-    for ax in axes[-1]:
+    for ax in list(axes.flat)[:len(methods)]:
+        ax.tick_params(labelbottom=True)  # shared x hides them above an empty cell of the last row
+    for ax in list(axes.flat)[max(0, len(methods) - columns):len(methods)]:
         ax.set_xlabel("budget (% of vision tokens)")
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)")
