@@ -140,9 +140,10 @@ def build_ui(store: ModelStore):
                                       progress=lambda fraction, message: progress(fraction, desc=message))
             except Exception as error:
                 title, message = _messages(store, error)
+                # The kind leads the message too: Gradio's toast header shows its level ("Warning", "Error").
                 if title == "Internal error":
-                    raise gr.Error(message, title=title) from None
-                gr.Warning(message, title=title)  # a toast; the previous results stay as they were
+                    raise gr.Error(f"{title}: {message}", title=title) from None
+                gr.Warning(f"{title}: {message}", title=title)  # a toast; the previous results stay as they were
                 return [gr.skip()] * 4
             tokens, latency = comparison.figures()
             return comparison.html(), tokens, latency, comparison.to_dict()
@@ -151,7 +152,7 @@ def build_ui(store: ModelStore):
             try:
                 return preview_media(path), gr.skip()
             except DemoInputError as error:
-                gr.Warning(store.scrub(str(error)), title="Input error")
+                gr.Warning(f"Input error: {store.scrub(str(error))}", title="Input error")
                 return None, None  # the upload is cleared, so Compare does not report it a second time
 
         def load_example(event: gr.SelectData):

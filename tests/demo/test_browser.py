@@ -1,4 +1,5 @@
-"""End to end in headless Chromium: upload an example, run a comparison, check the answers and charts rendered.
+"""End to end in headless Chromium: a comparison from each bundled model's example and from an upload; the columns,
+overlays and charts must render, and a bad upload gives one input-error toast.
 
 Needs Debian's `chromium` + `chromium-driver` (CI's `.ci/run` installs them) and the `selenium` package; skips
 with the reason otherwise. Set MMREDUCE_UPDATE_SCREENSHOT=1 to refresh `demo/assets/screenshot.png` (README).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -26,7 +28,7 @@ from PIL import Image  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from mmreduce.demo.app import EXAMPLES_DIR  # noqa: E402
+from mmreduce.demo.app import _EXAMPLES, EXAMPLES_DIR  # noqa: E402
 
 SCREENSHOT = EXAMPLES_DIR.parent / "screenshot.png"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -62,33 +64,73 @@ def _rendered_images(driver, selector: str) -> int:
         selector)
 
 
-def test_upload_compare_and_screenshot(url, browser, tmp_path):
+def _no_error_toasts(driver) -> bool:
+    return not driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")
+
+
+def _compare_and_check(browser, wait, model: str) -> list[str]:
+    """Presses Compare and checks one column per method with an answer, the overlays and both charts; returns the
+    answers."""
+    # Loading an example sets the upload, which triggers its preview; Compare waits until that event is done.
+    WebDriverWait(browser, 60).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".pending, .generating"))
+    time.sleep(0.5)
+    compare = browser.find_element(By.CSS_SELECTOR, "#compare")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", compare)
+    compare.click()
+    WebDriverWait(browser, 240).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .mmr-answer")) >= 3
+        and f"· {model}," in d.find_element(By.CSS_SELECTOR, "#cards").text)
+    labels = [card.get_attribute("data-label") for card in browser.find_elements(By.CSS_SELECTOR, "#cards .mmr-card")]
+    assert labels[0] == "baseline" and any(label.startswith("fastv") for label in labels[1:])
+    answers = [a.text.strip() for a in browser.find_elements(By.CSS_SELECTOR, "#cards .mmr-answer")]
+    assert all(answers) and "(empty)" not in answers
+    wait.until(lambda d: _rendered_images(d, "#cards .mmr-method figure img") >= 2)  # kept tokens, per method
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#cards figcaption")]
+    assert all("vision tokens" in caption for caption in captions)  # shown in full, not cut off
+    wait.until(lambda d: _rendered_images(d, "#tokens_plot img") > 0)
+    browser.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Latency')]").click()
+    wait.until(lambda d: _rendered_images(d, "#latency_plot img") > 0)
+    browser.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Vision tokens')]").click()
+    assert _no_error_toasts(browser)
+    return answers
+
+
+# (example thumbnail, model it loads, the baseline's answer: the benchmark generator's)
+EXAMPLE_RUNS = ((0, "tiny-llava-shapes", "red"), (3, "tiny-llava-next-docs", None), (5, "tiny-internvl-docs", None),
+                (6, "tiny-llava-video", "left"))
+
+
+def test_every_bundled_model_from_its_example_and_screenshot(url, browser, tmp_path):
+    browser.get(url)
+    wait = WebDriverWait(browser, 60)
+    for index, model, expected in EXAMPLE_RUNS:
+        thumbnails = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button.thumbnail-item"))
+        thumbnails[index].click()
+        wait.until(lambda d, m=model: d.find_element(By.CSS_SELECTOR, "#model input").get_attribute("value") == m)
+        question = _EXAMPLES[index][1]
+        wait.until(lambda d, q=question: d.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value") == q)
+        wait.until(lambda d: _rendered_images(d, "#preview img") > 0)
+        answers = _compare_and_check(browser, wait, model)
+        assert expected is None or answers[0] == expected, (model, answers)
+        if index == 0:
+            shot = tmp_path / "screenshot.png"
+            browser.execute_script("window.scrollTo(0, 0)")
+            assert browser.save_screenshot(str(shot))
+            with Image.open(shot) as image:
+                assert image.width >= 1000
+                if os.environ.get("MMREDUCE_UPDATE_SCREENSHOT"):
+                    small = image.convert("RGB").resize((image.width * 2 // 3, image.height * 2 // 3), Image.LANCZOS)
+                    small.quantize(colors=128).save(SCREENSHOT, optimize=True)
+
+
+def test_upload_compare(url, browser):
     browser.get(url)
     wait = WebDriverWait(browser, 60)
     upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#media input[type=file]"))
     upload.send_keys(str(EXAMPLES_DIR / "shapes-0.png"))
     wait.until(lambda d: _rendered_images(d, "#preview img") > 0)  # the server read the upload as an image
-    question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
-    question.send_keys("what color is the square ?")
-    browser.find_element(By.CSS_SELECTOR, "#compare").click()
-
-    WebDriverWait(browser, 150).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cards .mmr-answer")) >= 3)
-    cards = browser.find_elements(By.CSS_SELECTOR, "#cards .mmr-card")
-    labels = [card.get_attribute("data-label") for card in cards]
-    assert labels[0] == "baseline" and any(label.startswith("fastv") for label in labels[1:])
-    answers = [a.text.strip() for a in browser.find_elements(By.CSS_SELECTOR, "#cards .mmr-answer")]
-    assert all(answers) and "(empty)" not in answers
-    wait.until(lambda d: _rendered_images(d, "#tokens_plot img") and _rendered_images(d, "#latency_plot img"))
-    wait.until(lambda d: _rendered_images(d, "#overlays img") > 0)
-    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")  # no error popped up
-
-    shot = tmp_path / "screenshot.png"
-    assert browser.save_screenshot(str(shot))
-    with Image.open(shot) as image:
-        assert image.width >= 1000
-        if os.environ.get("MMREDUCE_UPDATE_SCREENSHOT"):
-            small = image.convert("RGB").resize((image.width // 2, image.height // 2), Image.LANCZOS)
-            small.quantize(colors=128).save(SCREENSHOT, optimize=True)
+    browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("what color is the square ?")
+    assert _compare_and_check(browser, wait, "tiny-llava-shapes")[0] == "red"
 
 
 def test_non_image_upload_shows_an_error(url, browser, tmp_path):
@@ -99,4 +141,11 @@ def test_non_image_upload_shows_an_error(url, browser, tmp_path):
     upload.send_keys(str(notes))
     toast = WebDriverWait(browser, 60).until(
         lambda d: [t for t in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']") if "not an image" in t.text])
-    assert "notes.txt" in toast[0].text
+    assert "notes.txt" in toast[0].text and "Input error" in toast[0].text and "/" not in toast[0].text.split(":")[0]
+    # the upload was cleared, so Compare reports the missing image once, not the same message a second time
+    browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("what color is the square ?")
+    browser.find_element(By.CSS_SELECTOR, "#compare").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: any("no image given" in t.text for t in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")))
+    texts = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")]
+    assert sum("not an image" in text for text in texts) <= 1
