@@ -16,10 +16,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from mmreduce.adapters import get_adapter
 
@@ -31,10 +31,10 @@ from .overlay import draw_kept_tokens
 from .summary import cards_html, latency_notes
 
 __all__ = [
-    "Comparison",
     "DEFAULT_MODEL",
     "EXAMPLES_DIR",
     "VIDEO_MODEL",
+    "Comparison",
     "ModelStore",
     "build_app",
     "examples",

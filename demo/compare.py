@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-import mmreduce
 from mmreduce.adapters import get_adapter
 from mmreduce.eval.tiny_models import prompt_for
+
+import mmreduce
 
 from .inputs import DemoInputError
 from .methods import MethodChoice

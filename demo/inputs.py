@@ -16,14 +16,14 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
-    "DemoInputError",
+    "LIMITS_TEXT",
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_SIDE",
     "MAX_VIDEO_BYTES",
     "MAX_VIDEO_SECONDS",
     "VIDEO_EXTENSIONS",
     "VIDEO_FRAMES",
-    "LIMITS_TEXT",
+    "DemoInputError",
     "check_question",
     "load_image",
     "load_media",

@@ -12,9 +12,8 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-
 from mmreduce.adapters.base import END_OF_PANEL, NEWLINE, ImageGrid, Panel, TokenCell
+from PIL import Image, ImageDraw
 
 __all__ = ["NEWLINE", "TokenCell", "draw_kept_tokens"]
 

@@ -6,18 +6,18 @@ import json
 import os
 
 import pytest
-from PIL import Image
-
-import mmreduce
+from mmreduce.adapters import get_adapter
+from mmreduce.adapters.base import NEWLINE, TokenCell
 from mmreduce.demo import inputs
 from mmreduce.demo.app import EXAMPLES_DIR, ModelStore, examples, preview_schedule, run_demo
 from mmreduce.demo.compare import prepare_inputs, vision_positions
 from mmreduce.demo.inputs import DemoInputError
 from mmreduce.demo.methods import PLACEHOLDER_SPECS, UI_METHODS, build_methods, parse_layers
-from mmreduce.adapters import get_adapter
-from mmreduce.adapters.base import NEWLINE, TokenCell
 from mmreduce.demo.overlay import draw_kept_tokens
 from mmreduce.demo.summary import cards_html
+from PIL import Image
+
+import mmreduce
 
 SHAPES, DOCS, INTERNVL, VIDEO = "tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs", "tiny-llava-video"
 QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)
@@ -171,7 +171,7 @@ def test_overlay_darkens_exactly_the_dropped_patches(store):
     [(picture, caption)] = draw_kept_tokens(get_adapter(model), processor, batch, positions, {3: kept}, "test")
     assert caption == "test: layer 3 keeps 128/256 vision tokens"
     step = picture.width // 16
-    centre = lambda r, c: picture.getpixel((c * step + step // 2, r * step + step // 2))  # noqa: E731
+    centre = lambda r, c: picture.getpixel((c * step + step // 2, r * step + step // 2))
     assert min(centre(5, 4)) > 200 and max(centre(5, 5)) < 100
 
 
@@ -196,7 +196,7 @@ def test_internvl_overlay_darkens_exactly_the_dropped_patches_of_a_tile(store):
     assert caption == "test: layer 2 keeps 72/80 vision tokens"
     panel = 64 * 3  # 64 px tiles upscaled 3x; the thumbnail on the left, the 2 x 2 tiles beside it
     step, left = panel // 4, panel + 12
-    centre = lambda x0, y0, r, c: picture.getpixel((x0 + c * step + step // 2, y0 + r * step + step // 2))  # noqa
+    centre = lambda x0, y0, r, c: picture.getpixel((x0 + c * step + step // 2, y0 + r * step + step // 2))
     for r in range(4):
         for c in range(4):
             tile_1 = centre(left, 0, r, c)
@@ -289,8 +289,9 @@ def test_unknown_model_and_bad_settings(store, tmp_path):
 
 
 def test_cli_parses_demo_defaults():
-    from mmreduce.cli import build_parser
     from mmreduce.demo.cli import run
+
+    from mmreduce.cli import build_parser
 
     args = build_parser().parse_args(["demo"])
     assert (args.port, args.host, args.model, args.func) == (7860, "127.0.0.1", None, run)
@@ -338,7 +339,6 @@ def test_placeholder_specs_run_on_every_bundled_model(store, model, file, questi
 
 def test_latency_spread_and_notes():
     import numpy as np
-
     from mmreduce.demo.compare import MethodResult, _spread
     from mmreduce.demo.summary import latency_notes
 

@@ -24,11 +24,10 @@ pytestmark = [
 webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test needs the selenium package")
 pytest.importorskip("gradio")
 
-from PIL import Image  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-from mmreduce.demo.app import _EXAMPLES, EXAMPLES_DIR  # noqa: E402
+from mmreduce.demo.app import _EXAMPLES, EXAMPLES_DIR
+from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 SCREENSHOT = EXAMPLES_DIR.parent / "screenshot.png"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -7,8 +7,8 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
-from mmreduce.demo.app import EXAMPLES_DIR  # noqa: E402
-from mmreduce.demo.ui import API_PARAMETERS  # noqa: E402
+from mmreduce.demo.app import EXAMPLES_DIR
+from mmreduce.demo.ui import API_PARAMETERS
 
 QUICK = dict(warmup=0, repeats=1, max_new_tokens=2)
 
