@@ -94,8 +94,8 @@ def format_tables(summary: dict, steps: tuple[int, ...] = (1, 2, 4, 6, 8, 10)) -
         return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
     lines = ["| predictor | next-token MSE (random k) |", "|---|---|"]
-    lines += [f"| {name} | {value:.4f} |" for name, value in base["next_mse"].items()]
-    lines += [f"| {name} (mean ± std over {len(r['per_seed'])} seeds) | {pm(r['next_mse'])} |"
+    lines += [f"| {name} | {value:.5f} |" for name, value in base["next_mse"].items()]
+    lines += [f"| {name} (mean ± std over {len(r['per_seed'])} seeds) | {pm(r['next_mse'], 5)} |"
               for name, r in objectives.items()]
     length = len(next(iter(objectives.values()))["rollout_mean"])
     steps = tuple(s for s in steps if s <= length)
