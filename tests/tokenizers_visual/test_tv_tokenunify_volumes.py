@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from mmreduce.tokenizers_visual.tokenunify.model import TokenUnifyConfig, TokenUnifyModel
 from mmreduce.tokenizers_visual.tokenunify.rollout import growth_slope, rollout_errors
 from mmreduce.tokenizers_visual.tokenunify.rollout_study import main as study_main

@@ -20,10 +20,10 @@ from torch import Tensor
 from ..training import seed_everything, train_steps
 from .data import affinities, make_volumes
 from .model import TokenUnifyConfig, TokenUnifyModel
-from .segment import segment_affinities, segmentation_scores
 from .rollout import rollout_errors
-from .volumes import make_moving_volumes
+from .segment import segment_affinities, segmentation_scores
 from .tokens import patchify, prefix_corrupt, random_token_corrupt, sample_prefix, unpatchify
+from .volumes import make_moving_volumes
 
 __all__ = ["evaluate_prediction", "evaluate_rollout", "finetune_segmentation", "fit_neighbour_regression",
            "ground_truth_ceiling", "neighbour_context", "pretrain", "unpatchify_affinities"]

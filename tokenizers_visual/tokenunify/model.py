@@ -140,7 +140,7 @@ class TokenUnifyModel(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "TokenUnifyModel":
+    def load(cls, folder: str | Path) -> TokenUnifyModel:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json")

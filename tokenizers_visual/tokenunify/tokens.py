@@ -66,7 +66,7 @@ def random_token_corrupt(tokens: Tensor, ratio: float = 0.4, fill: str = "zero",
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
     b, k, _ = tokens.shape
-    n = int(math.floor(ratio * k))
+    n = math.floor(ratio * k)
     order = torch.rand(b, k, generator=generator).argsort(dim=1)  # a random permutation per sample
     mask = torch.zeros(b, k, dtype=torch.bool)
     mask.scatter_(1, order[:, :n], True)
