@@ -26,7 +26,7 @@ from ..accuracy import evaluate
 from .grounding import is_clip, video_frames
 from .masked_drop import random_vision_mask, scored_vision_mask
 from ..benchmarks import load_benchmark
-from ..tiny_models import TINY_MODELS, load_tiny, resolve_checkpoint
+from ..tiny_models import TINY_MODELS, load_tiny, recipe_name, resolve_checkpoint
 
 __all__ = ["quality_report", "target_scores"]
 
@@ -86,7 +86,8 @@ def quality_report(name_or_path: str, samples: int = 300, seed: int = 0, keep_ra
     torch.set_num_threads(1)  # see train.TrainConfig.threads
     path = resolve_checkpoint(name_or_path)
     model, processor = load_tiny(path)
-    recipe = TINY_MODELS.get(path.name)
+    name = recipe_name(path)
+    recipe = TINY_MODELS.get(name) if name is not None else None
     if recipe is None:
         raise ValueError(f"{path.name!r} is not a registered tiny model; its benchmark is unknown")
     test = load_benchmark(recipe.benchmark, "test", samples, seed=seed, **recipe.benchmark_options)
