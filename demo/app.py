@@ -74,15 +74,18 @@ class ModelStore:
     """The models the app may load, by display name, each loaded once on first use (offline, no remote code)."""
 
     def __init__(self, default: str | os.PathLike = DEFAULT_MODEL, include_bundled: bool = True):
-        from mmreduce.eval.tiny_models import CHECKPOINT_DIR, TINY_MODELS, resolve_checkpoint
+        from mmreduce.eval.tiny_models import CHECKPOINT_DIR, TINY_MODELS, recipe_name, resolve_checkpoint
 
-        # Only the registered VLM recipes: other folders (a visual tokenizer's checkpoint) are not models the
-        # comparison can run.
+        # Only checkpoints of the registered VLM recipes (earlier versions included, after the current ones): other
+        # folders (a visual tokenizer's checkpoint) are not models the comparison can run.
         self.paths: dict[str, Path] = {}
         if include_bundled:
-            for name in TINY_MODELS:
-                if (CHECKPOINT_DIR / name / "config.json").is_file():
-                    self.paths[name] = CHECKPOINT_DIR / name
+            folders = [CHECKPOINT_DIR / name for name in TINY_MODELS]
+            if CHECKPOINT_DIR.is_dir():
+                folders += sorted(f for f in CHECKPOINT_DIR.iterdir() if f.name not in TINY_MODELS and recipe_name(f))
+            for folder in folders:
+                if (folder / "config.json").is_file():
+                    self.paths[folder.name] = folder
         self.default = str(default)
         if self.default not in self.paths:
             path = resolve_checkpoint(default)  # ValueError naming the bad --model
@@ -107,7 +110,9 @@ class ModelStore:
         """The model a comparison runs on: `name`, except that a video goes to `VIDEO_MODEL` when `name` is an
         image-only bundled model (a model trained on single images answers clips with a colour)."""
         name = name or self.default
-        if kind == "video" and name != VIDEO_MODEL and VIDEO_MODEL in self.paths and name in _IMAGE_ONLY:
+        from mmreduce.eval.tiny_models import recipe_name
+
+        if kind == "video" and VIDEO_MODEL in self.paths and recipe_name(name) in _IMAGE_ONLY:
             return VIDEO_MODEL
         return name
 
