@@ -27,6 +27,7 @@ pytest.importorskip("gradio")
 from mmreduce.demo.app import _EXAMPLES, EXAMPLES_DIR
 from PIL import Image
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 SCREENSHOT = EXAMPLES_DIR.parent / "screenshot.png"
@@ -127,6 +128,23 @@ def test_every_bundled_model_from_its_example_and_screenshot(url, browser, tmp_p
                 if os.environ.get("MMREDUCE_UPDATE_SCREENSHOT"):
                     small = image.convert("RGB").resize((image.width * 2 // 3, image.height * 2 // 3), Image.LANCZOS)
                     small.quantize(colors=128).save(SCREENSHOT, optimize=True)
+
+
+def test_earlier_versions_of_a_bundled_model(url, browser):
+    """The bundled earlier shapes versions are offered and run from the model menu on a shapes example."""
+    browser.get(url)
+    wait = WebDriverWait(browser, 60)
+    thumbnails = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button.thumbnail-item"))
+    thumbnails[0].click()
+    wait.until(lambda d: _rendered_images(d, "#preview img") > 0)
+    for model in ("tiny-llava-shapes-v1", "tiny-llava-shapes-v2"):
+        menu = browser.find_element(By.CSS_SELECTOR, "#model input")
+        menu.click()
+        menu.send_keys(Keys.CONTROL, "a")
+        menu.send_keys(model)
+        menu.send_keys(Keys.ENTER)
+        wait.until(lambda d, m=model: d.find_element(By.CSS_SELECTOR, "#model input").get_attribute("value") == m)
+        _compare_and_check(browser, wait, model)
 
 
 def test_upload_compare(url, browser):
