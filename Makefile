@@ -20,14 +20,15 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml setup.py
 	@touch $(STAMP)
 
 # The side-by-side comparison (baseline, random, FastV, PyramidDrop at 33/22/11% of the vision tokens) on the
-# bundled tiny-llava-shapes; writes runs/bench/results.{json,md} and accuracy_vs_flops.png.
+# bundled tiny-llava-shapes, with the oracle as upper reference; writes runs/bench/results.{json,md} and
+# accuracy_vs_flops.png.
 bench: setup
-	$(PY) -m mmreduce.cli bench --model tiny-llava-shapes --dataset shapes --samples 200 --seed 0 --out runs/bench
+	$(PY) -m mmreduce.cli bench --model tiny-llava-shapes --dataset shapes --samples 200 --seed 0 --oracle --out runs/bench
 
 # Rank analysis, G-Search, P-Sigmoid and the equal-budget comparison on shapes (README "Schedule search").
 compare: setup
 	$(PY) -m mmreduce.cli compare --model tiny-llava-shapes --dataset shapes --budgets 0.333 0.222 0.15 0.111 \
-		--calibration-samples 64 --samples 200 --seed 0 --out runs/compare-shapes
+		--calibration-samples 64 --samples 200 --seed 0 --oracle --out runs/compare-shapes
 
 # The same comparison on the three versions of tiny-llava-shapes, with the baselines that embarrass methods and the
 # oracle; panel.{json,md,png}: each model's accuracy and the mean with a bootstrap 95% interval (RESULTS "Panel").
