@@ -36,6 +36,9 @@ panel: setup
 	$(PY) -m mmreduce.cli compare --panel tiny-llava-shapes-v1 tiny-llava-shapes-v2 tiny-llava-shapes --dataset shapes \
 		--budgets 0.333 0.222 0.15 --calibration-samples 64 --samples 200 --seed 0 --with pool stride visionzip tome \
 		--oracle --out runs/panel-shapes
+	$(PY) -m mmreduce.cli compare --panel tiny-llava-next-docs tiny-internvl-docs --dataset docs \
+		--budgets 0.333 0.222 0.15 --calibration-samples 64 --samples 200 --seed 0 --with pool stride visionzip tome tcc \
+		--oracle --out runs/panel-docs
 
 # Before-the-LLM methods against the baselines that embarrass methods (pooling, a uniform per-panel stride), random,
 # the in-LLM methods and the oracle (an upper reference, not a method), at 33 / 22 / 11% of the vision tokens:
