@@ -65,7 +65,7 @@ VIDEO_MODEL = "tiny-llava-video"
 _LIMITS = {"warmup": (0, 3), "repeats": (1, 20), "max_new_tokens": (1, 32)}
 
 
-# A path starting at "/" (or a drive letter) after a quote, space or bracket, e.g. '/srv/models/x/config.json'.
+# A path starting at "/" (or a drive letter) after a quote, space or bracket, e.g. a model folder's config.json.
 _ABSOLUTE_PATH = re.compile(r"""(^|[\s'"(=])((?:/|[A-Za-z]:\\)[^\s'"),]+)""")
 _IMAGE_ONLY = ("tiny-llava-shapes", "tiny-llava-next-docs", "tiny-internvl-docs")
 
