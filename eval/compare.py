@@ -26,7 +26,6 @@ fits) is written with `"budget_met": false`, warned about, flagged in `summary.j
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -126,15 +125,12 @@ def run_compare(model_name: str, dataset: str, out: str, budgets=DEFAULT_BUDGETS
 
     budgets = [float(b) for b in budgets]
     import mmreduce
-
-    def fits_budgets(name: str) -> bool:
-        cls = mmreduce.method_class(name)
-        return cls.budget_field in {f.name for f in dataclasses.fields(cls)}
+    from mmreduce.spec import fits_equivalent
 
     for name in with_methods:
-        if name not in mmreduce.list_methods() or not fits_budgets(name):
+        if name not in mmreduce.list_methods() or not fits_equivalent(name):
             raise ValueError(f"--with {name}: not a registered method that takes an equivalent= budget; choose from "
-                             f"{[n for n in mmreduce.list_methods() if fits_budgets(n)]}")
+                             f"{[n for n in mmreduce.list_methods() if fits_equivalent(n)]}")
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise ValueError(f"budgets must be fractions in (0, 1], got {budgets!r}")
     root = Path(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .methods.before import BeforeLLMMethod, SignalRequest, TokenPlan, VisionTokens
@@ -120,31 +121,44 @@ def token_signals(probe: TowerProbe, adapter, cells: list, grids: list) -> dict[
     for cell in cells:
         if cell.panel >= 0 and (cell.image, cell.panel) not in rows_of:
             rows_of[(cell.image, cell.panel)] = len(rows_of)
+    boxes = _patch_boxes(cells, grids, rows_of, patch_rows, patch_cols)  # (N_tokens, 5)
     out: dict[str, torch.Tensor] = {}
     for request in probe.requests:
         recorded = probe.signals.get(probe.resolved(request))
         if recorded is None:
             raise ValueError(f"the vision tower did not run before the prompt reached the text model, so there is "
-                               f"no {request.kind} to rank by; pass pixel inputs to the same call")
+                             f"no {request.kind} to rank by; pass pixel inputs to the same call")
         if recorded.shape[0] != len(rows_of):
             raise ValueError(f"the vision tower saw {recorded.shape[0]} panels but the prompt lays out "
-                               f"{len(rows_of)}; mmreduce cannot match tower rows to tokens for this input")
-        grid = recorded.view(recorded.shape[0], patch_rows, patch_cols, -1)  # (N, Pr, Pc, C)
-        values = []
-        for cell in cells:
-            if cell.panel < 0:
-                values.append(grid.new_zeros(grid.shape[-1]))
-                continue
-            panel = grids[cell.image].panel_list(cell.image)[cell.panel]
-            r0, r1 = cell.row * patch_rows // panel.rows, max(cell.row * patch_rows // panel.rows + 1,
-                                                                 (cell.row + 1) * patch_rows // panel.rows)
-            c0, c1 = cell.col * patch_cols // panel.cols, max(cell.col * patch_cols // panel.cols + 1,
-                                                                 (cell.col + 1) * patch_cols // panel.cols)
-            patches = grid[rows_of[(cell.image, cell.panel)], r0:r1, c0:c1].reshape(-1, grid.shape[-1])  # (p, C)
-            values.append(patches.sum(0) if request.kind == "cls_attention" else patches.mean(0))
-        stacked = torch.stack(values)  # (N_tokens, C)
+                             f"{len(rows_of)}; mmreduce cannot match tower rows to tokens for this input")
+        grid = recorded.view(recorded.shape[0], patch_rows, patch_cols, -1).double()  # (N, Pr, Pc, C)
+        # Box sums from an integral image: exact in float64 for these sizes, and one gather for every token.
+        integral = F.pad(grid.cumsum(1).cumsum(2), (0, 0, 1, 0, 1, 0))  # (N, Pr + 1, Pc + 1, C)
+        row, r0, r1, c0, c1 = boxes.to(grid.device).unbind(1)  # (N_tokens,) each
+        at = row.clamp(min=0)
+        total = integral[at, r1, c1] - integral[at, r0, c1] - integral[at, r1, c0] + integral[at, r0, c0]
+        if request.kind == "keys":
+            total = total / ((r1 - r0) * (c1 - c0)).clamp(min=1)[:, None]
+        stacked = total.masked_fill((row < 0)[:, None], 0.0).to(recorded.dtype)  # (N_tokens, C)
         out[request.key] = stacked[:, 0] if request.kind == "cls_attention" else stacked
     return out
+
+
+def _patch_boxes(cells: list, grids: list, rows_of: dict, patch_rows: int, patch_cols: int) -> torch.Tensor:
+    """(N_tokens, 5) long: each token's tower row and the patch box [r0, r1) x [c0, c1) under its cell when the
+    panel's token grid is laid evenly over the patch grid (at least one patch); tower row -1 for tokens that cover
+    no pixels."""
+    boxes = []
+    for cell in cells:
+        if cell.panel < 0:
+            boxes.append((-1, 0, 1, 0, 1))
+            continue
+        panel = grids[cell.image].panel_list(cell.image)[cell.panel]
+        r0, c0 = cell.row * patch_rows // panel.rows, cell.col * patch_cols // panel.cols
+        r1 = max(r0 + 1, (cell.row + 1) * patch_rows // panel.rows)
+        c1 = max(c0 + 1, (cell.col + 1) * patch_cols // panel.cols)
+        boxes.append((rows_of[(cell.image, cell.panel)], r0, r1, c0, c1))
+    return torch.tensor(boxes, dtype=torch.long).view(-1, 5)
 
 
 def plan_batch(method: BeforeLLMMethod, embeds: torch.Tensor, vision: torch.Tensor, cells: list | None,

@@ -535,10 +535,11 @@ class Reducer:
         cells = signals = None
         if self.before.needs_layout or self._tower_probe is not None:
             cells_all, grids = self._layout()
-            cells = _split_rows(cells_all, vision.sum(dim=1).tolist(), batch)
+            rows = _row_slices(vision.sum(dim=1).tolist(), batch, len(cells_all))
+            cells = [cells_all[row] for row in rows]
             if self._tower_probe is not None:
                 per_token = token_signals(self._tower_probe, self.adapter, cells_all, grids)
-                signals = _split_signal_rows(per_token, vision.sum(dim=1).tolist(), batch)
+                signals = [{key: value[row] for key, value in per_token.items()} for row in rows]
         keep, merged, extra = plan_batch(self.before, embeds, vision, cells, signals or {}, seeds)
         # The last prompt token is the query whose output the caller reads (generate() takes its logits): when a
         # prompt ends on a vision token, it stays with its own features, as the in-LLM stages never drop it either.
@@ -650,26 +651,13 @@ def _copy_run(run: _PrefillRun | None) -> _PrefillRun | None:
                                groups=list(run.groups), pending=dict(run.pending), group_kwargs=dict(run.group_kwargs))
 
 
-def _split_rows(cells: list, counts: list[int], batch: int) -> list[list]:
-    """Per text-model row, its vision tokens' cells: `cells` lists the caller's samples in order; rows beyond the
-    caller's batch (beam search repeats each sample) map to sample row // (batch // samples)."""
-    samples, start = [], 0
-    per_sample = _caller_counts(counts, batch, len(cells))
-    for count in per_sample:
-        samples.append(cells[start:start + count])
-        start += count
-    repeat = batch // len(per_sample)
-    return [samples[row // repeat] for row in range(batch)]
-
-
-def _split_signal_rows(signals: dict, counts: list[int], batch: int) -> list[dict]:
-    """`_split_rows` for a dict of per-token tensors."""
-    total = next(iter(signals.values())).shape[0]
+def _row_slices(counts: list[int], batch: int, total: int) -> list[slice]:
+    """Per text-model row, the slice of the caller's vision tokens (laid out sample after sample) it holds; rows
+    beyond the caller's batch (beam search repeats each sample) map to sample row // (batch // samples)."""
     per_sample = _caller_counts(counts, batch, total)
     offsets = np.cumsum([0, *per_sample]).tolist()
     repeat = batch // len(per_sample)
-    return [{key: value[offsets[row // repeat]:offsets[row // repeat + 1]] for key, value in signals.items()}
-            for row in range(batch)]
+    return [slice(offsets[row // repeat], offsets[row // repeat + 1]) for row in range(batch)]
 
 
 def _caller_counts(counts: list[int], batch: int, total: int) -> list[int]:

@@ -21,7 +21,7 @@ from .methods.base import ReductionMethod, create_method, list_methods, method_c
 from .methods.before import BeforeLLMMethod
 from .methods.compose import Compose
 
-__all__ = ["THEN", "BudgetUnreachable", "MethodSpec", "fit_equivalent", "parse_spec"]
+__all__ = ["THEN", "BudgetUnreachable", "MethodSpec", "fit_equivalent", "fits_equivalent", "parse_spec"]
 
 
 class BudgetUnreachable(ValueError):
@@ -182,6 +182,12 @@ def _parse_composed(text: str) -> MethodSpec:
         raise ValueError(f"in {text!r}, {inside.name} reduces before the LLM itself; the part after 'then' must work "
                          "inside it only (fastv, pdrop, schedule, ...)")
     return MethodSpec("compose", (), None, " ".join(text.split()), (before, inside))
+
+
+def fits_equivalent(name: str) -> bool:
+    """Whether `NAME:equivalent=F` is defined for the registered method `name` (it has its budget field)."""
+    cls = method_class(name)
+    return cls.budget_field is not None and cls.budget_field in {f.name for f in dataclasses.fields(cls) if f.init}
 
 
 def _is_before(name: str) -> bool:

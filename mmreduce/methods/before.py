@@ -8,7 +8,6 @@ Every decoder layer, layer 0 included, then sees the shorter prompt.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -214,10 +213,6 @@ class BeforeLLMMethod(ReductionMethod):
         plan = TokenPlan(keep, target, weight, inner.extra_flops)
         plan.check(count)
         return plan
-
-    def describe(self) -> str:
-        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
-        return f"{self.name}:{','.join(parts)}" if parts else self.name
 
 
 def _subset(tokens: VisionTokens, index: torch.Tensor) -> VisionTokens:
